@@ -1,0 +1,100 @@
+"""Embedded default tokenizers, trained with Hugging Face `tokenizers` at first use and cached.
+
+Two different kinds, so that cross-tokenizer fusion is exercised for real:
+- ``bpe``:     byte-level BPE (GPT-2 style, ``Ġ`` space marker), no unknown tokens.
+- ``unigram``: SentencePiece-style Unigram with Metaspace (``▁`` marker) and byte fallback.
+Training is deterministic for a given corpus, kind and size; the result is cached under
+``<cache_dir>/tokenizers/<kind>-<vocab>-<corpus hash>/tokenizer.json`` (written atomically).
+Anything else in ``data.tokenizer`` is a path to a saved tokenizer (or a hub name, with network).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, List
+
+from .corpus import Document, DataError, corpus_fingerprint
+
+EOS = "<|endoftext|>"
+PAD = "<pad>"
+UNK = "<unk>"
+EMBEDDED_KINDS = ("bpe", "unigram")
+
+
+def _batches(docs: List[Document], size: int = 256) -> Iterable[List[str]]:
+    for i in range(0, len(docs), size):
+        yield [d.text for d in docs[i : i + size]]
+
+
+def train_tokenizer(kind: str, vocab_size: int, docs: List[Document]):
+    """Train a raw `tokenizers.Tokenizer` of the given kind on the documents (in the given order)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS, PAD],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    elif kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS, PAD, UNK],
+            unk_token=UNK,
+            byte_fallback=True,
+            show_progress=False,
+        )
+    else:
+        raise DataError(f"Unknown embedded tokenizer '{kind}' (data.tokenizer): use one of {EMBEDDED_KINDS} or a path.")
+    tok.train_from_iterator(_batches(docs), trainer=trainer, length=len(docs))
+    return tok
+
+
+def _wrap(tokenizer_file: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=EOS, pad_token=PAD)
+    if fast.convert_tokens_to_ids(UNK) != fast.unk_token_id and UNK in fast.get_vocab():
+        fast.unk_token = UNK
+    return fast
+
+
+def load_or_train_tokenizer(kind_or_path: str, vocab_size: int, docs: List[Document], cache_dir: str,
+                            trust_remote_code: bool = False):
+    """The tokenizer for a config: an embedded kind (trained once, cached) or a path/hub name."""
+    if kind_or_path in EMBEDDED_KINDS:
+        key = f"{kind_or_path}-{vocab_size}-{corpus_fingerprint({'_': docs})}"
+        out_dir = Path(cache_dir) / "tokenizers" / key
+        out_file = out_dir / "tokenizer.json"
+        if not out_file.exists():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tok = train_tokenizer(kind_or_path, vocab_size, docs)
+            tmp = out_dir / f"tokenizer.json.tmp{os.getpid()}"
+            tok.save(str(tmp))
+            os.replace(tmp, out_file)
+        return _wrap(out_file)
+    from transformers import AutoTokenizer
+
+    path = Path(kind_or_path).expanduser()
+    if path.exists():
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(kind_or_path, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise DataError(
+                f"data.tokenizer='{kind_or_path}' is neither an embedded kind ({', '.join(EMBEDDED_KINDS)}), "
+                f"nor an existing path, nor loadable from the hub ({type(e).__name__})."
+            ) from None
+    if tok.eos_token_id is None:
+        raise DataError(f"Tokenizer {kind_or_path} has no EOS token; packing needs one to separate documents.")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,0 +1,1 @@
+"""Recipes: configs, the shared Lightning training path and the command-line entry point."""

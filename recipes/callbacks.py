@@ -1,0 +1,66 @@
+"""Training callbacks shared by every recipe."""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+# Dense bf16 peak FLOP/s by device name fragment, for model FLOPs utilisation on GPUs.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                   "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "A6000": 155e12}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, val in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return val
+    return None
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs perf/tokens_per_sec, perf/step_time, perf/overhead_frac (share of wall time between two
+    steps spent outside the training step: data loading, logging, checkpointing) and, on GPUs, perf/mfu."""
+
+    def __init__(self, flops_per_token: Optional[float] = None):
+        self.flops_per_token = flops_per_token
+        self._prev_end: Optional[float] = None
+        self._start: Optional[float] = None
+        self.total_step_time = 0.0
+        self.total_wall_time = 0.0
+        self.total_tokens = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._start is None:
+            return
+        step_time = now - self._start
+        wall = now - self._prev_end if self._prev_end is not None else step_time
+        self._prev_end = now
+        tokens = int(batch["input_ids"].numel()) * trainer.world_size
+        self.total_step_time += step_time
+        self.total_wall_time += wall
+        self.total_tokens += tokens
+        metrics = {"perf/tokens_per_sec": tokens / max(wall, 1e-9), "perf/step_time": step_time,
+                   "perf/overhead_frac": max(0.0, 1.0 - step_time / max(wall, 1e-9))}
+        peak = peak_flops(pl_module.device)
+        if peak and self.flops_per_token:
+            metrics["perf/mfu"] = tokens * self.flops_per_token / max(wall, 1e-9) / (peak * trainer.world_size)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        pl_module.log("tok/s", metrics["perf/tokens_per_sec"], prog_bar=True, logger=False)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._prev_end = None  # validation time is not training overhead
+
+    def summary(self) -> dict:
+        if not self.total_wall_time:
+            return {}
+        return {"perf/tokens_per_sec_mean": self.total_tokens / self.total_wall_time,
+                "perf/overhead_frac_mean": max(0.0, 1 - self.total_step_time / self.total_wall_time)}

@@ -1,0 +1,206 @@
+"""The training path every recipe shares: config -> (DataModule, LightningModule, Trainer) -> run dir.
+
+A recipe is `recipes/<name>.yaml`, optionally with `recipes/<name>.py` that may define
+  - `prepare_model(cfg, model, datamodule) -> model`   (e.g. AdaMoE's retrofit)
+  - `build_module(cfg, model, datamodule) -> CausalLMModule`   (its own losses and metrics)
+  - `callbacks(cfg, run_dir) -> list[Callback]`
+  - `run(cfg, run_dir) -> dict`   (a staged pipeline that replaces the standard training; returns its summary)
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import DictConfig
+
+from .config import ConfigError, import_recipe_module, load_saved_config, save_config, to_dict
+from .checkpointing import AtomicCheckpointIO, newest_checkpoint
+
+
+def new_run_id() -> str:
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:  # every requeued segment of a SLURM job continues the same run
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job}" + (f"-{task}" if task else "")
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def wandb_id_for(run_dir: Path) -> str:
+    return f"{run_dir.parent.name}-{run_dir.name}".replace("/", "-")[:64]
+
+
+def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
+    os.replace(tmp, path)
+
+
+def data_settings(cfg: DictConfig):
+    from data.datamodule import DataSettings
+
+    return DataSettings.from_mapping(to_dict(cfg.data), seed=cfg.run.seed)
+
+
+def build_datamodule(cfg: DictConfig):
+    from data.datamodule import LMDataModule
+
+    dm = LMDataModule(data_settings(cfg), trust_remote_code=cfg.model.trust_remote_code)
+    dm.prepare()
+    return dm
+
+
+def build_base_model(cfg: DictConfig, dm):
+    from models.factory import ModelSpec, build_model
+
+    spec = ModelSpec(arch=cfg.model.arch, size=cfg.model.size, vocab_size=dm.vocab_size,
+                     max_seq_len=cfg.data.block_size, overrides=to_dict(cfg.model.overrides),
+                     pretrained=cfg.model.pretrained, trust_remote_code=cfg.model.trust_remote_code,
+                     eos_token_id=dm.tokenizer.eos_token_id, pad_token_id=dm.tokenizer.pad_token_id)
+    try:
+        return build_model(spec)
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def resolve_precision(setting: str) -> str:
+    import torch
+
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    run_id = cfg.run.run_id or new_run_id()
+    cfg.run.run_id = run_id
+    run_dir = Path(cfg.run.root) / cfg.run.name / run_id
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def build_module(cfg: DictConfig, dm, recipe_mod=None):
+    from .lm_module import CausalLMModule
+
+    model = build_base_model(cfg, dm)
+    if recipe_mod is not None and hasattr(recipe_mod, "prepare_model"):
+        model = recipe_mod.prepare_model(cfg, model, dm)
+    if recipe_mod is not None and hasattr(recipe_mod, "build_module"):
+        return recipe_mod.build_module(cfg, model, dm)
+    return CausalLMModule(model, to_dict(cfg.optim), cfg.trainer.max_steps, dm.domain_names,
+                          compile_model=cfg.model.compile)
+
+
+def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False) -> Path:
+    """Train (or resume) one run; returns its run directory. Prints `run_dir: <path>` last."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+    from .callbacks import ThroughputMonitor
+    from .logging_utils import RunCSVLogger, make_wandb_logger
+
+    recipe_mod = import_recipe_module(cfg.run.name)
+    if run_dir is None:
+        run_dir = make_run_dir(cfg)
+    run_dir = Path(run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+    if recipe_mod is not None and hasattr(recipe_mod, "run"):
+        summary = recipe_mod.run(cfg, run_dir)
+        write_json_atomic(run_dir / "summary.json", summary)
+        return run_dir
+
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm, recipe_mod)
+
+    ckpt = newest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        print(f"No readable checkpoint in {run_dir}; starting from step 0.", file=sys.stderr)
+    resume_step = ckpt[1] if ckpt else None
+
+    loggers = [RunCSVLogger(run_dir / "metrics.csv", resume_step=resume_step if resume else None)]
+    if not resume and (run_dir / "metrics.csv").exists():
+        (run_dir / "metrics.csv").unlink()
+    wb = make_wandb_logger(run_dir, wandb_id_for(run_dir), f"{cfg.run.name}/{run_dir.name}", cfg.logging.wandb,
+                           cfg.logging.project, cfg.logging.entity, list(cfg.logging.tags), to_dict(cfg))
+    if wb is not None:
+        loggers.append(wb)
+
+    from models.factory import flops_per_token
+
+    throughput = ThroughputMonitor(flops_per_token(module.model, cfg.data.block_size))
+    callbacks = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
+                        every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
+                        save_top_k=cfg.checkpoint.keep, monitor=None, save_on_train_epoch_end=False),
+        throughput,
+    ]
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
+    if recipe_mod is not None and hasattr(recipe_mod, "callbacks"):
+        callbacks += list(recipe_mod.callbacks(cfg, run_dir))
+
+    strategy = cfg.trainer.strategy
+    trainer = L.Trainer(
+        default_root_dir=str(run_dir), max_steps=cfg.trainer.max_steps, max_epochs=-1,
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
+        strategy=strategy, precision=resolve_precision(cfg.trainer.precision),
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, gradient_clip_val=cfg.optim.grad_clip,
+        val_check_interval=cfg.trainer.val_check_interval, check_val_every_n_epoch=None,
+        limit_val_batches=cfg.trainer.limit_val_batches, num_sanity_val_steps=0,
+        log_every_n_steps=cfg.trainer.log_every_n_steps, logger=loggers, callbacks=callbacks,
+        enable_progress_bar=cfg.trainer.progress_bar, enable_model_summary=False,
+        use_distributed_sampler=False, deterministic=cfg.trainer.deterministic,
+        plugins=[AtomicCheckpointIO()],
+    )
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt[0]) if ckpt else None)
+        if module.last_val.get("_step") != trainer.global_step:
+            trainer.validate(module, datamodule=dm, verbose=False)
+    if trainer.is_global_zero:
+        summary = {
+            "recipe": cfg.run.name, "run_dir": str(run_dir), "step": trainer.global_step,
+            "tokens_seen": module.tokens_seen, "train/loss": module.last_train_loss,
+            "wall_time_s": time.time() - t0 + 0.0,
+            "num_parameters": sum(p.numel() for p in module.model.parameters()),
+        }
+        summary.update({k: v for k, v in module.last_val.items() if not k.startswith("_")})
+        summary.update(throughput.summary())
+        summary.update(module.summary_metrics())
+        write_json_atomic(run_dir / "summary.json", summary)
+        for lg in loggers:
+            lg.save()
+        if wb is not None:
+            try:
+                wb.experiment.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            except Exception:
+                pass
+    return run_dir
+
+
+def resume_run(run_dir: Path, overrides=None) -> Path:
+    from .config import load_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"Run directory {run_dir} does not exist.")
+    saved = load_saved_config(run_dir / "config.yaml")
+    recipe = saved.get("run", {}).get("name")
+    if not recipe:
+        raise ConfigError(f"{run_dir}/config.yaml names no recipe (run.name).")
+    cfg = load_config(recipe, overrides, base=saved)
+    return train(cfg, run_dir=run_dir, resume=True)
