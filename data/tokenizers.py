@@ -43,18 +43,47 @@ def train_tokenizer(kind: str, vocab_size: int, docs: List[Document]):
     elif kind == "unigram":
         tok = Tokenizer(models.Unigram())
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.decoder = decoders.Metaspace()
+        tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
         trainer = trainers.UnigramTrainer(
-            vocab_size=vocab_size,
+            vocab_size=vocab_size - 256,  # the 256 byte-fallback pieces are added after training
             special_tokens=[EOS, PAD, UNK],
             unk_token=UNK,
-            byte_fallback=True,
             show_progress=False,
         )
+        tok.train_from_iterator(_batches(docs), trainer=trainer, length=len(docs))
+        return _canonical_unigram(tok)
     else:
         raise DataError(f"Unknown embedded tokenizer '{kind}' (data.tokenizer): use one of {EMBEDDED_KINDS} or a path.")
     tok.train_from_iterator(_batches(docs), trainer=trainer, length=len(docs))
     return tok
+
+
+def _canonical_unigram(tok):
+    """The Unigram trainer is not bit-deterministic (hash-map order and float summation change the
+    last digits of scores and the order of equal-score pieces); the piece set is stable. Round the
+    scores and sort, so the same corpus always gives the same tokenizer, then add byte fallback."""
+    import json
+
+    from tokenizers import Tokenizer, models
+
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    specials = [v for v in vocab if v[0] in (EOS, PAD, UNK)]
+    # Required single characters get made-up scores in hash order (steps of ~1e-4): coarser rounding
+    # for them makes their order canonical; real pieces keep 6 decimals.
+    pieces = sorted(([p, round(s, 2 if len(p) == 1 else 6)] for p, s in vocab if p not in (EOS, PAD, UNK)),
+                    key=lambda v: (-v[1], v[0]))
+    floor = min(s for _, s in pieces) - 10.0
+    byte_pieces = [[f"<0x{b:02X}>", floor] for b in range(256)]
+    vocab = specials + pieces + byte_pieces
+    out = Tokenizer(models.Unigram([tuple(v) for v in vocab], unk_id=[v[0] for v in vocab].index(UNK),
+                                   byte_fallback=True))
+    out.pre_tokenizer = tok.pre_tokenizer
+    out.decoder = tok.decoder
+    from tokenizers import AddedToken
+
+    out.add_special_tokens([AddedToken(t, special=True) for t in (EOS, PAD, UNK)])
+    return out
 
 
 def _wrap(tokenizer_file: Path):

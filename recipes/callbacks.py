@@ -64,3 +64,41 @@ class ThroughputMonitor(L.Callback):
             return {}
         return {"perf/tokens_per_sec_mean": self.total_tokens / self.total_wall_time,
                 "perf/overhead_frac_mean": max(0.0, 1 - self.total_step_time / self.total_wall_time)}
+
+
+class StopAtStep(L.Callback):
+    """Checkpoint to last.ckpt and stop cleanly once the global step reaches `step` (a step boundary)."""
+
+    def __init__(self, step: int, ckpt_path):
+        self.step = step
+        self.ckpt_path = ckpt_path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step and trainer.fit_loop.epoch_loop.max_steps != trainer.global_step:
+            trainer.save_checkpoint(self.ckpt_path)
+            # Lower the loop's step limit rather than setting should_stop: should_stop would also trigger
+            # an extra validation that an uninterrupted run does not have.
+            trainer.fit_loop.epoch_loop.max_steps = trainer.global_step
+
+
+class NonFiniteGuard(L.Callback):
+    """Before a checkpoint step, make sure the weights are finite: an update can turn a finite loss into
+    infinite weights, and that state must never replace the last good checkpoint. Lightning runs
+    ModelCheckpoint after all other callbacks, so raising here keeps the previous checkpoint."""
+
+    def __init__(self, every_n_steps: int, extra_steps=()):
+        self.every = max(1, every_n_steps)
+        self.extra = set(extra_steps)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every and step not in self.extra:
+            return
+        bad = [n for n, p in pl_module.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            from .lm_module import NonFiniteLossError
+
+            raise NonFiniteLossError(
+                f"Non-finite weights after step {step} ({len(bad)} tensors, e.g. {bad[0]}): stopping before the "
+                "checkpoint; the last good checkpoint is kept. Lower optim.lr or raise optim.warmup_steps."
+            )

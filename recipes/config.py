@@ -90,6 +90,9 @@ class TrainerConfig:
     log_every_n_steps: int = 5
     progress_bar: bool = True
     deterministic: bool = False
+    # End this segment after this global step with a checkpoint (e.g. to fit a scheduler's time slot);
+    # `make resume` continues. None = run to max_steps.
+    stop_at_step: Optional[int] = None
 
 
 @dataclass
@@ -170,7 +173,7 @@ def _is_free_dict(parent: DictConfig, key: str) -> bool:
 def _check_keys(schema: DictConfig, data: Dict[str, Any], where: str, prefix: str = "") -> None:
     for k, v in data.items():
         full = f"{prefix}{k}"
-        if not isinstance(schema, DictConfig) or k not in schema:
+        if not isinstance(schema, DictConfig) or k not in schema.keys():
             valid = _flat_keys(schema) if isinstance(schema, DictConfig) else []
             all_valid = [prefix + x for x in valid]
             close = difflib.get_close_matches(full, all_valid, n=3, cutoff=0.5)
@@ -236,6 +239,11 @@ def parse_overrides(args: List[str]) -> Dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string; a number is what was meant
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         node = out
         parts = key.split(".")
         for p in parts[:-1]:

@@ -64,8 +64,9 @@ def build_base_model(cfg: DictConfig, dm):
                      eos_token_id=dm.tokenizer.eos_token_id, pad_token_id=dm.tokenizer.pad_token_id)
     try:
         return build_model(spec)
-    except (ValueError, OSError) as e:
-        raise ConfigError(str(e)) from None
+    except Exception as e:  # config validation errors of transformers / huggingface_hub come in many types
+        raise ConfigError(f"Could not build the model (model.arch={cfg.model.arch}, size={cfg.model.size}): "
+                          f"{type(e).__name__}: {e}") from None
 
 
 def resolve_precision(setting: str) -> str:
@@ -104,7 +105,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-    from .callbacks import ThroughputMonitor
+    from .callbacks import NonFiniteGuard, StopAtStep, ThroughputMonitor
     from .logging_utils import RunCSVLogger, make_wandb_logger
 
     recipe_mod = import_recipe_module(cfg.run.name)
@@ -145,7 +146,11 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
                         every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
                         save_top_k=cfg.checkpoint.keep, monitor=None, save_on_train_epoch_end=False),
         throughput,
+        NonFiniteGuard(cfg.checkpoint.every_n_steps,
+                       [cfg.trainer.stop_at_step] if cfg.trainer.stop_at_step is not None else []),
     ]
+    if cfg.trainer.stop_at_step is not None:
+        callbacks.append(StopAtStep(cfg.trainer.stop_at_step, run_dir / "checkpoints" / "last.ckpt"))
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
     if recipe_mod is not None and hasattr(recipe_mod, "callbacks"):
@@ -169,7 +174,8 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*set_vital.*")
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt[0]) if ckpt else None)
-        if module.last_val.get("_step") != trainer.global_step:
+        finished = trainer.global_step >= cfg.trainer.max_steps
+        if finished and module.last_val.get("_step") != trainer.global_step:
             trainer.validate(module, datamodule=dm, verbose=False)
     if trainer.is_global_zero:
         summary = {
@@ -202,5 +208,7 @@ def resume_run(run_dir: Path, overrides=None) -> Path:
     recipe = saved.get("run", {}).get("name")
     if not recipe:
         raise ConfigError(f"{run_dir}/config.yaml names no recipe (run.name).")
+    if "trainer" in saved and "stop_at_step" in saved.trainer:
+        saved.trainer.stop_at_step = None  # a segment's stop point is not carried into the next segment
     cfg = load_config(recipe, overrides, base=saved)
     return train(cfg, run_dir=run_dir, resume=True)
