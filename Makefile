@@ -52,6 +52,13 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m bench $(ARGS)
 
+NODES ?= 1
+GPUS ?= 1
+slurm: $(STAMP)
+	@test -n "$(RECIPE)" || { echo "usage: make slurm RECIPE=<name> NODES=<n> GPUS=<g> [ARGS=...]"; exit 2; }
+	@mkdir -p runs
+	sbatch --nodes=$(NODES) --ntasks-per-node=$(GPUS) --gres=gpu:$(GPUS) launch.sh $(RECIPE) $(ARGS)
+
 sync: $(STAMP)
 	$(PY) -m recipes sync runs
 
