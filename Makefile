@@ -10,7 +10,7 @@ RUN ?=
 export WANDB_SILENT ?= true
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train resume show list analyze bench test test-slow slurm sync export clean
+.PHONY: help setup train resume show list analyze fuse export bench test test-slow slurm sync clean
 
 help:
 	@echo "make train RECIPE=<name> [ARGS='key=value ...']   train a recipe (no RECIPE: list them, run tiny)"
@@ -39,6 +39,17 @@ endif
 resume: $(STAMP)
 	@test -n "$(RUN)" || { echo "usage: make resume RUN=runs/<recipe>/<run_id>"; exit 2; }
 	$(PY) -m recipes resume $(RUN) $(ARGS)
+
+analyze: $(STAMP)
+	@test -n "$(RUN)" || { echo "usage: make analyze RUN=runs/<recipe>/<run_id>"; exit 2; }
+	$(PY) -m recipes.analyze $(RUN) $(ARGS)
+
+fuse: $(STAMP)
+	$(PY) -m recipes.fusechat --stage $(or $(STAGE),all) $(ARGS)
+
+export: $(STAMP)
+	@test -n "$(RUN)" || { echo "usage: make export RUN=runs/<recipe>/<run_id>"; exit 2; }
+	$(PY) -m recipes.export $(RUN) $(ARGS)
 
 show: $(STAMP)
 	@$(PY) -m recipes show $(or $(RECIPE),tiny) $(ARGS)

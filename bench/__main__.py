@@ -14,7 +14,7 @@ from . import BENCHMARKS, DESCRIPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
-MODULES = ["bench.backbone", "bench.methods"]
+MODULES = ["bench." + p.stem for p in sorted((ROOT / "bench").glob("*.py")) if not p.stem.startswith("_")]
 
 
 def _load_modules():

@@ -102,3 +102,71 @@ class NonFiniteGuard(L.Callback):
                 f"Non-finite weights after step {step} ({len(bad)} tensors, e.g. {bad[0]}): stopping before the "
                 "checkpoint; the last good checkpoint is kept. Lower optim.lr or raise optim.warmup_steps."
             )
+
+
+class PreemptionCheckpoint(L.Callback):
+    """SIGUSR1 (SLURM's warning before preemption or the time limit) -> checkpoint and requeue.
+
+    The signal handler only sets a flag: saving inside the handler could interrupt a collective and
+    hang. At the next step boundary every rank agrees on the flag (one all-reduce when distributed),
+    the checkpoint is written as hpc_ckpt_<n>.ckpt in the run directory, rank 0 asks SLURM to requeue
+    the job (`scontrol requeue`), and the segment ends. Lightning's own handler, which saves inside the
+    signal handler, is switched off (SLURMEnvironment(auto_requeue=False)).
+    """
+
+    def __init__(self, run_dir):
+        from pathlib import Path
+
+        self.run_dir = Path(run_dir)
+        self.flag = False
+        self.preempted = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        self.flag = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGUSR1, self._handler)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import signal
+        import threading
+
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, self._previous)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        flag = self.flag
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce_boolean_decision(flag, all=False)
+        if not flag or self.preempted:
+            return
+        self.preempted = True
+        path = trainer._checkpoint_connector.hpc_save_path(str(self.run_dir))
+        trainer.save_checkpoint(path)
+        print(f"[preemption] checkpoint at step {trainer.global_step}: {path}", flush=True)
+        if trainer.is_global_zero:
+            requeue_slurm_job()
+        trainer.fit_loop.epoch_loop.max_steps = trainer.global_step
+
+
+def requeue_slurm_job() -> bool:
+    import os
+    import subprocess
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job_id = f"{array_job}_{array_task}" if array_job and array_task else job
+    try:
+        r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        print(f"[preemption] scontrol requeue {job_id}: rc={r.returncode} {r.stderr.strip()}", flush=True)
+        return r.returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"[preemption] requeue of {job_id} failed: {e}", flush=True)
+        return False

@@ -80,7 +80,9 @@ def resolve_precision(setting: str) -> str:
 
 
 def make_run_dir(cfg: DictConfig) -> Path:
-    run_id = cfg.run.run_id or new_run_id()
+    # Lightning's DDP launcher re-runs this command for ranks > 0: they must find the same run id.
+    run_id = cfg.run.run_id or os.environ.get("LM_RECIPES_RUN_ID") or new_run_id()
+    os.environ["LM_RECIPES_RUN_ID"] = run_id
     cfg.run.run_id = run_id
     run_dir = Path(cfg.run.root) / cfg.run.name / run_id
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-    from .callbacks import NonFiniteGuard, StopAtStep, ThroughputMonitor
+    from .callbacks import NonFiniteGuard, PreemptionCheckpoint, StopAtStep, ThroughputMonitor
     from .logging_utils import RunCSVLogger, make_wandb_logger
 
     recipe_mod = import_recipe_module(cfg.run.name)
@@ -140,6 +142,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
 
     from models.factory import flops_per_token
 
+    preemption = PreemptionCheckpoint(run_dir)
     throughput = ThroughputMonitor(flops_per_token(module.model, cfg.data.block_size))
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
@@ -148,6 +151,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
         throughput,
         NonFiniteGuard(cfg.checkpoint.every_n_steps,
                        [cfg.trainer.stop_at_step] if cfg.trainer.stop_at_step is not None else []),
+        preemption,
     ]
     if cfg.trainer.stop_at_step is not None:
         callbacks.append(StopAtStep(cfg.trainer.stop_at_step, run_dir / "checkpoints" / "last.ckpt"))
@@ -157,6 +161,11 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
         callbacks += list(recipe_mod.callbacks(cfg, run_dir))
 
     strategy = cfg.trainer.strategy
+    plugins = [AtomicCheckpointIO()]
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():  # our PreemptionCheckpoint handles SIGUSR1 at a step boundary instead
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = L.Trainer(
         default_root_dir=str(run_dir), max_steps=cfg.trainer.max_steps, max_epochs=-1,
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
@@ -167,17 +176,22 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
         log_every_n_steps=cfg.trainer.log_every_n_steps, logger=loggers, callbacks=callbacks,
         enable_progress_bar=cfg.trainer.progress_bar, enable_model_summary=False,
         use_distributed_sampler=False, deterministic=cfg.trainer.deterministic,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
     )
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*set_vital.*")
+        # validation sums are reduced by hand in on_validation_epoch_end
+        warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt[0]) if ckpt else None)
         finished = trainer.global_step >= cfg.trainer.max_steps
         if finished and module.last_val.get("_step") != trainer.global_step:
             trainer.validate(module, datamodule=dm, verbose=False)
-    if trainer.is_global_zero:
+    if preemption.preempted:
+        print(f"Preempted at step {trainer.global_step}; the requeued job (or `make resume RUN={run_dir}`) "
+              "continues.", file=sys.stderr)
+    elif trainer.is_global_zero:
         summary = {
             "recipe": cfg.run.name, "run_dir": str(run_dir), "step": trainer.global_step,
             "tokens_seen": module.tokens_seen, "train/loss": module.last_train_loss,
