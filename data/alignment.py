@@ -1,0 +1,539 @@
+"""Cross-tokenizer token alignment and distribution mapping for FuseChat (SPEC.md section 4, step 2).
+
+Two models tokenise the same text differently. To distil a source model into the pivot (target)
+model we need, per pivot position, the source's next-token distribution expressed in the pivot's
+vocabulary. Three pieces:
+
+1. Token alignment (`align_token_sequences`): dynamic time warping (DTW) over the two token
+   sequences with cost = edit distance between the tokens' strings after normalisation
+   (`normalize_token`: space markers stripped, byte-fallback pieces decoded). The DTW path is cut
+   into many-to-many groups; a group with one token on each side is a one-to-one match.
+2. Vocabulary maps from the source vocabulary to the pivot vocabulary: exact match (EM), minimum
+   edit distance (MinED) and statistics over aligned pairs (MS).
+3. Distribution alignment (`align_distributions`): at one-to-one pivot positions the source's
+   top-k ids go through the vocabulary map; elsewhere a one-hot on the pivot's gold next token.
+
+Edit distances come from rapidfuzz (C++); the DTW recursion is numpy, vectorised over
+anti-diagonals. `_reference_align` is a plain-Python version of the same computation kept as the
+benchmark baseline and as an independent check in the tests.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
+
+TOKENIZER_KINDS = ("auto", "byte_level", "sentencepiece", "plain")
+SENTENCEPIECE_SPACE = "\u2581"  # "▁"
+BYTE_LEVEL_SPACE = "\u0120"  # "Ġ", the GPT-2 byte-level image of b" "
+# In "auto" mode we do not decode byte-level strings fully (a SentencePiece "é" would be mangled),
+# only the whitespace images that byte-level vocabularies use constantly.
+_BYTE_LEVEL_WHITESPACE = {"\u0120": " ", "\u010a": "\n", "\u0109": "\t", "\u010d": "\r"}
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+# <s>, </s>, <unk>, <pad>, <|endoftext|>, <|im_start|> ... kept verbatim so they stay recognisable.
+_SPECIAL_LIKE = re.compile(r"^<\|?/?[A-Za-z_][^<>\s]*\|?>$")
+
+Vocab = Union[Mapping[str, int], Sequence[str]]
+Group = Tuple[Tuple[int, ...], Tuple[int, ...]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Token normalisation
+# ----------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> Dict[str, int]:
+    """Inverse of the GPT-2 byte-to-unicode table: printable latin-1 bytes stand for themselves,
+    the other 68 bytes are shifted to code points 256, 257, ... in byte order."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
+    table: Dict[str, int] = {}
+    shifted = 0
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(256 + shifted)] = byte
+            shifted += 1
+    return table
+
+
+def normalize_token(
+    token: str,
+    kind: str = "auto",
+    keep_space: bool = False,
+    special_tokens: Collection[str] = (),
+) -> str:
+    """The text a token stands for, comparable across tokenizers.
+
+    kind: "byte_level" (GPT-2 style: every character is a byte image, decoded as UTF-8, partial
+    characters become U+FFFD), "sentencepiece" ("▁" is a space, "<0xNN>" byte-fallback pieces are
+    that byte), "plain" (only byte fallback), or "auto" (the union of the cheap rules: "▁" and "Ġ"
+    are spaces, "Ċ"/"ĉ"/"č" are newline/tab/CR, "<0xNN>" is its byte).
+    keep_space: False strips every space (what the DTW cost compares: "Ġworld" == "▁world" ==
+    "world"); True keeps a real " " so that vocabulary maps do not confuse word-initial and
+    word-internal pieces.
+    special_tokens, and anything shaped like "<s>", "</s>", "<|endoftext|>", are returned verbatim.
+    A byte-fallback byte above 0x7F is a fragment of a UTF-8 character; it maps to the latin-1
+    character of that byte, which only ever matches another such fragment.
+    """
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"Unknown tokenizer kind {kind!r}: expected one of {TOKENIZER_KINDS}.")
+    if token in special_tokens:
+        return token
+    byte_piece = _BYTE_FALLBACK.match(token)
+    if byte_piece:
+        text = chr(int(byte_piece.group(1), 16))
+    elif _SPECIAL_LIKE.match(token):
+        return token
+    elif kind == "byte_level":
+        table = _byte_level_decoder()
+        if all(ch in table for ch in token):
+            text = bytes(table[ch] for ch in token).decode("utf-8", errors="replace")
+        else:  # not a byte-level string after all (e.g. an added token): keep its characters
+            text = token
+    elif kind == "sentencepiece":
+        text = token.replace(SENTENCEPIECE_SPACE, " ")
+    elif kind == "plain":
+        text = token
+    else:  # auto
+        text = token.replace(SENTENCEPIECE_SPACE, " ")
+        for image, char in _BYTE_LEVEL_WHITESPACE.items():
+            text = text.replace(image, char)
+    return text if keep_space else text.replace(" ", "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Token alignment by DTW
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenAlignment:
+    """A monotone many-to-many alignment of a source token sequence to a target (pivot) sequence.
+
+    path: the DTW path cells (src_idx, tgt_idx) from (0, 0) to (n_src - 1, n_tgt - 1).
+    groups: the path cut at its diagonal steps; each group is (src indices, tgt indices), both
+    sorted. A group ((i,), (j,)) is a one-to-one match; ((0, 1), (0,)) means two source tokens
+    together correspond to one target token.
+    """
+
+    n_src: int
+    n_tgt: int
+    path: Tuple[Tuple[int, int], ...]
+    groups: Tuple[Group, ...]
+    cost: float
+
+    def one_to_one_pairs(self) -> List[Tuple[int, int]]:
+        """(src_idx, tgt_idx) of every one-to-one group, in sequence order."""
+        return [(src[0], tgt[0]) for src, tgt in self.groups if len(src) == 1 and len(tgt) == 1]
+
+    def tgt_to_src_one_to_one(self) -> np.ndarray:
+        """Per target position the source position it is matched one-to-one with, else -1."""
+        out = np.full(self.n_tgt, -1, dtype=np.int64)
+        for i, j in self.one_to_one_pairs():
+            out[j] = i
+        return out
+
+    def tgt_to_src(self) -> List[List[int]]:
+        """Per target position all source positions on the path with it (the many-to-many map)."""
+        out: List[List[int]] = [[] for _ in range(self.n_tgt)]
+        for i, j in self.path:
+            out[j].append(i)
+        return out
+
+    def src_to_tgt(self) -> List[List[int]]:
+        """Per source position all target positions on the path with it."""
+        out: List[List[int]] = [[] for _ in range(self.n_src)]
+        for i, j in self.path:
+            out[i].append(j)
+        return out
+
+    def one_to_one_fraction(self) -> float:
+        """Fraction of target positions matched one-to-one (0 for an empty target)."""
+        return len(self.one_to_one_pairs()) / self.n_tgt if self.n_tgt else 0.0
+
+
+def _groups_from_path(path: Sequence[Tuple[int, int]]) -> Tuple[Group, ...]:
+    """Cut the path where it steps diagonally: cells reached by a vertical or horizontal step share
+    a row or a column with the previous cell, so they belong to the same many-to-many group."""
+    groups: List[Group] = []
+    src: List[int] = []
+    tgt: List[int] = []
+    previous: Optional[Tuple[int, int]] = None
+    for i, j in path:
+        if previous is not None and i != previous[0] and j != previous[1]:
+            groups.append((tuple(sorted(set(src))), tuple(sorted(set(tgt)))))
+            src, tgt = [], []
+        src.append(i)
+        tgt.append(j)
+        previous = (i, j)
+    if src:
+        groups.append((tuple(sorted(set(src))), tuple(sorted(set(tgt)))))
+    return tuple(groups)
+
+
+def _backtrack(acc: np.ndarray) -> List[Tuple[int, int]]:
+    """Walk back from the last cell through the accumulated-cost matrix `acc` (shape (n+1, m+1),
+    inf border, acc[i+1, j+1] is cell (i, j)). Ties prefer the diagonal, then the step that moves
+    the source index (up), then the target index (left): fewer, larger one-to-one groups."""
+    i, j = acc.shape[0] - 2, acc.shape[1] - 2
+    path = [(i, j)]
+    while i > 0 or j > 0:
+        diag, up, left = acc[i, j], acc[i, j + 1], acc[i + 1, j]
+        if diag <= up and diag <= left:
+            i, j = i - 1, j - 1
+        elif up <= left:
+            i -= 1
+        else:
+            j -= 1
+        path.append((i, j))
+    path.reverse()
+    return path
+
+
+def token_cost_matrix(
+    src_strings: Sequence[str], tgt_strings: Sequence[str], substring_weight: float = 0.1, workers: int = 1
+) -> np.ndarray:
+    """cost[i, j] = Levenshtein(src_i, tgt_j), times `substring_weight` when one string contains the
+    other. The discount is the official FuseChat cost: without it, plain edit distance prefers
+    pairing pieces of similar length ("Hel"/"Hello", "lo"/"wor") over the true split."""
+    if not len(src_strings) or not len(tgt_strings):
+        return np.zeros((len(src_strings), len(tgt_strings)), dtype=np.float64)
+    distance = process.cdist(src_strings, tgt_strings, scorer=Levenshtein.distance, dtype=np.int32, workers=workers)
+    cost = distance.astype(np.float64)
+    if substring_weight != 1.0:
+        # If a is a substring of b, b -> a takes only deletions, so distance == |len(b) - len(a)|.
+        # Test containment only on those (few) pairs; equal strings cost 0 either way.
+        src_len = np.array([len(s) for s in src_strings])
+        tgt_len = np.array([len(t) for t in tgt_strings])
+        maybe = (distance == np.abs(src_len[:, None] - tgt_len[None, :])) & (distance > 0)
+        rows, cols = np.nonzero(maybe)
+        contains = np.fromiter(
+            ((src_strings[i] in tgt_strings[j]) or (tgt_strings[j] in src_strings[i]) for i, j in zip(rows, cols)),
+            dtype=bool, count=len(rows),
+        )
+        cost[rows[contains], cols[contains]] *= substring_weight
+    return cost
+
+
+def _dtw_accumulate(cost: np.ndarray, band: Optional[int]) -> np.ndarray:
+    """Accumulated DTW cost, one anti-diagonal at a time (each cell needs only the two previous
+    anti-diagonals), so the Python loop runs n + m - 1 times and every step is a numpy vector op.
+    The arithmetic is the same as the cell-by-cell recursion, so results match it bit for bit."""
+    n, m = cost.shape
+    acc = np.full((n + 1, m + 1), np.inf, dtype=np.float64)
+    acc[0, 0] = 0.0
+    if band is not None:
+        # Sakoe-Chiba band around the straight line from (0, 0) to (n-1, m-1); never narrower than
+        # the line's slope, so every row's allowed cells connect to the next row's.
+        slope = (m - 1) / (n - 1) if n > 1 else 0.0
+        half_width = max(float(band), float(np.ceil(max(slope, 1.0))))
+        centre = np.arange(n, dtype=np.float64)[:, None] * slope
+        cols = np.arange(m)[None, :]
+        cost = np.where(np.abs(cols - centre) <= half_width, cost, np.inf)
+    for d in range(n + m - 1):
+        i = np.arange(max(0, d - m + 1), min(n - 1, d) + 1)
+        j = d - i
+        best_prev = np.minimum(np.minimum(acc[i, j], acc[i, j + 1]), acc[i + 1, j])
+        acc[i + 1, j + 1] = cost[i, j] + best_prev
+    return acc
+
+
+def _empty_alignment(n_src: int, n_tgt: int) -> TokenAlignment:
+    return TokenAlignment(n_src, n_tgt, (), (), 0.0 if n_src == n_tgt == 0 else float("inf"))
+
+
+def align_token_sequences(
+    src_tokens: Sequence[str],
+    tgt_tokens: Sequence[str],
+    src_kind: str = "auto",
+    tgt_kind: str = "auto",
+    substring_weight: float = 0.1,
+    band: Optional[int] = None,
+    workers: int = 1,
+) -> TokenAlignment:
+    """Many-to-many alignment of two tokenisations of the same text by DTW.
+
+    tgt is the pivot. Tokens are normalised with `normalize_token(kind, keep_space=False)`; the
+    cost of pairing two tokens is their edit distance (x `substring_weight` when one contains the
+    other, see `token_cost_matrix`). Complexity: O(n*m) time and memory for the cost and
+    accumulated-cost matrices (edit distances in rapidfuzz's C++, the recursion vectorised over
+    n + m - 1 anti-diagonals); a 2048 x 2048 pair takes 32 MiB per matrix. `band` (in target
+    positions, optional) restricts the path to a Sakoe-Chiba band around the diagonal, which keeps
+    very long sequences from warping pathologically; it does not reduce the memory.
+    """
+    if substring_weight < 0:
+        raise ValueError(f"substring_weight must be >= 0, got {substring_weight}.")
+    if band is not None and band < 0:
+        raise ValueError(f"band must be None or >= 0, got {band}.")
+    n, m = len(src_tokens), len(tgt_tokens)
+    if n == 0 or m == 0:
+        return _empty_alignment(n, m)
+    src_strings = [normalize_token(t, src_kind) for t in src_tokens]
+    tgt_strings = [normalize_token(t, tgt_kind) for t in tgt_tokens]
+    cost = token_cost_matrix(src_strings, tgt_strings, substring_weight, workers)
+    acc = _dtw_accumulate(cost, band)
+    path = _backtrack(acc)
+    return TokenAlignment(n, m, tuple(path), _groups_from_path(path), float(acc[n, m]))
+
+
+def _reference_edit_distance(a: str, b: str) -> int:
+    """Textbook Levenshtein distance, one row at a time (benchmark baseline)."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def _reference_align(
+    src_tokens: Sequence[str],
+    tgt_tokens: Sequence[str],
+    src_kind: str = "auto",
+    tgt_kind: str = "auto",
+    substring_weight: float = 0.1,
+) -> TokenAlignment:
+    """BENCHMARK BASELINE: the same alignment as `align_token_sequences` (no band) computed the
+    straightforward way, pure Python cell by cell, edit distance included. Used by the benchmarks
+    to measure the fast path and by the tests as an independent check; not for production use."""
+    n, m = len(src_tokens), len(tgt_tokens)
+    if n == 0 or m == 0:
+        return _empty_alignment(n, m)
+    src_strings = [normalize_token(t, src_kind) for t in src_tokens]
+    tgt_strings = [normalize_token(t, tgt_kind) for t in tgt_tokens]
+    inf = float("inf")
+    acc = [[inf] * (m + 1) for _ in range(n + 1)]
+    acc[0][0] = 0.0
+    for i, a in enumerate(src_strings):
+        for j, b in enumerate(tgt_strings):
+            distance = float(_reference_edit_distance(a, b))
+            cost = distance * substring_weight if (a in b or b in a) else distance
+            acc[i + 1][j + 1] = cost + min(acc[i][j], acc[i][j + 1], acc[i + 1][j])
+    i, j = n - 1, m - 1
+    path = [(i, j)]
+    while i > 0 or j > 0:
+        diag, up, left = acc[i][j], acc[i][j + 1], acc[i + 1][j]
+        if diag <= up and diag <= left:
+            i, j = i - 1, j - 1
+        elif up <= left:
+            i -= 1
+        else:
+            j -= 1
+        path.append((i, j))
+    path.reverse()
+    return TokenAlignment(n, m, tuple(path), _groups_from_path(path), acc[n][m])
+
+
+# ----------------------------------------------------------------------------------------------
+# Vocabulary maps: source id -> pivot id (-1 where unmapped)
+# ----------------------------------------------------------------------------------------------
+
+
+def _vocab_as_list(vocab: Vocab, name: str) -> List[Optional[str]]:
+    """Tokens indexed by id; a dict vocabulary may have holes (None)."""
+    if isinstance(vocab, Mapping):
+        if not vocab:
+            raise ValueError(f"{name} vocabulary is empty.")
+        if min(vocab.values()) < 0:
+            raise ValueError(f"{name} vocabulary has a negative token id.")
+        tokens: List[Optional[str]] = [None] * (max(vocab.values()) + 1)
+        for token, idx in vocab.items():
+            tokens[idx] = token
+        return tokens
+    tokens = list(vocab)
+    if not tokens:
+        raise ValueError(f"{name} vocabulary is empty.")
+    return tokens
+
+
+def _canonical_forms(vocab: Vocab, kind: str, name: str) -> List[Optional[str]]:
+    return [None if t is None else normalize_token(t, kind, keep_space=True) for t in _vocab_as_list(vocab, name)]
+
+
+def vocab_map_exact(src_vocab: Vocab, pivot_vocab: Vocab, src_kind: str = "auto", pivot_kind: str = "auto") -> np.ndarray:
+    """EM: source id -> the pivot id whose normalised text (spaces kept, see `normalize_token`)
+    is identical, else -1. When several pivot tokens share a text the smallest pivot id wins."""
+    src = _canonical_forms(src_vocab, src_kind, "source")
+    pivot_index: Dict[str, int] = {}
+    for idx, text in enumerate(_canonical_forms(pivot_vocab, pivot_kind, "pivot")):
+        if text is not None and text not in pivot_index:
+            pivot_index[text] = idx
+    return np.array([pivot_index.get(text, -1) if text is not None else -1 for text in src], dtype=np.int64)
+
+
+def vocab_map_min_ed(
+    src_vocab: Vocab,
+    pivot_vocab: Vocab,
+    src_kind: str = "auto",
+    pivot_kind: str = "auto",
+    chunk_size: int = 512,
+    workers: int = 1,
+) -> np.ndarray:
+    """MinED: the exact match if there is one, else the pivot token with the smallest Levenshtein
+    distance between normalised texts (spaces kept). Ties go to the smallest pivot id (np.argmin
+    takes the first minimum of a row ordered by pivot id), so the map is deterministic. Distances
+    come from rapidfuzz.process.cdist in chunks of `chunk_size` source tokens (memory
+    chunk_size x pivot vocabulary int32)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    mapping = vocab_map_exact(src_vocab, pivot_vocab, src_kind, pivot_kind)
+    src = _canonical_forms(src_vocab, src_kind, "source")
+    pivot = _canonical_forms(pivot_vocab, pivot_kind, "pivot")
+    pivot_ids = np.array([i for i, t in enumerate(pivot) if t is not None], dtype=np.int64)
+    pivot_texts = [pivot[i] for i in pivot_ids]
+    todo = [i for i, t in enumerate(src) if t is not None and mapping[i] < 0]
+    for start in range(0, len(todo), chunk_size):
+        chunk = todo[start : start + chunk_size]
+        distance = process.cdist([src[i] for i in chunk], pivot_texts, scorer=Levenshtein.distance,
+                                 dtype=np.int32, workers=workers)
+        mapping[chunk] = pivot_ids[np.argmin(distance, axis=1)]
+    return mapping
+
+
+AlignedSequence = Tuple[Sequence[int], Sequence[int], TokenAlignment]
+
+
+def count_one_to_one_pairs(aligned_corpus: Iterable[AlignedSequence]) -> Counter:
+    """Counter of (source id, pivot id) over every one-to-one group of every aligned sequence.
+    Each item is (source token ids, pivot token ids, alignment with source as src, pivot as tgt)."""
+    counts: Counter = Counter()
+    for src_ids, pivot_ids, alignment in aligned_corpus:
+        if len(src_ids) != alignment.n_src or len(pivot_ids) != alignment.n_tgt:
+            raise ValueError(
+                f"Aligned sequence lengths ({len(src_ids)}, {len(pivot_ids)}) differ from the alignment's "
+                f"({alignment.n_src}, {alignment.n_tgt})."
+            )
+        for i, j in alignment.one_to_one_pairs():
+            counts[(int(src_ids[i]), int(pivot_ids[j]))] += 1
+    return counts
+
+
+def vocab_map_statistics(
+    aligned_corpus: Iterable[AlignedSequence],
+    src_vocab: Vocab,
+    pivot_vocab: Vocab,
+    src_kind: str = "auto",
+    pivot_kind: str = "auto",
+    min_count: int = 1,
+    fallback: str = "min_ed",
+) -> np.ndarray:
+    """MS: learn the map from how tokens were actually aligned over a corpus.
+
+    Rule: for source id s, among the pivot ids p seen one-to-one with s at least `min_count` times,
+    pick the largest score count(s, p) / (1 + ED(s, p)), ED on normalised texts with spaces kept;
+    ties go to the smaller ED, then to the smaller pivot id. A frequent pair with a small edit
+    distance wins; a frequent but textually unrelated pair (alignment noise) needs many more
+    occurrences to win. Source ids never seen one-to-one take `fallback`: "min_ed" (the MinED
+    map), "exact" (the EM map) or "none" (-1).
+    """
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}.")
+    fallbacks = ("min_ed", "exact", "none")
+    if fallback not in fallbacks:
+        raise ValueError(f"Unknown fallback {fallback!r}: expected one of {fallbacks}.")
+    src = _canonical_forms(src_vocab, src_kind, "source")
+    pivot = _canonical_forms(pivot_vocab, pivot_kind, "pivot")
+    if fallback == "min_ed":
+        mapping = vocab_map_min_ed(src_vocab, pivot_vocab, src_kind, pivot_kind)
+    elif fallback == "exact":
+        mapping = vocab_map_exact(src_vocab, pivot_vocab, src_kind, pivot_kind)
+    else:
+        mapping = np.full(len(src), -1, dtype=np.int64)
+    best: Dict[int, Tuple[float, int, int]] = {}  # s -> (-score, ed, p): smaller is better
+    for (s, p), count in count_one_to_one_pairs(aligned_corpus).items():
+        if count < min_count:
+            continue
+        if not (0 <= s < len(src)) or src[s] is None:
+            raise ValueError(f"Source id {s} from the aligned corpus is not in the source vocabulary.")
+        if not (0 <= p < len(pivot)) or pivot[p] is None:
+            raise ValueError(f"Pivot id {p} from the aligned corpus is not in the pivot vocabulary.")
+        ed = Levenshtein.distance(src[s], pivot[p])
+        key = (-count / (1.0 + ed), ed, p)
+        if s not in best or key < best[s]:
+            best[s] = key
+    for s, (_, _, p) in best.items():
+        mapping[s] = p
+    return mapping
+
+
+# ----------------------------------------------------------------------------------------------
+# Distribution alignment
+# ----------------------------------------------------------------------------------------------
+
+
+def align_distributions(
+    src_topk_ids: np.ndarray,
+    src_topk_logits: np.ndarray,
+    alignment: TokenAlignment,
+    vocab_map: np.ndarray,
+    pivot_gold_ids: Sequence[int],
+    k: int,
+    next_token_offset: int = 1,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The source's stored top-k distributions re-expressed at the pivot's positions and vocabulary.
+
+    src_topk_ids / src_topk_logits: [L_src, K] per source position (pads: id < 0 or logit -inf).
+    alignment: from `align_token_sequences(source tokens, pivot tokens)`.
+    vocab_map: source id -> pivot id (-1 unmapped), from one of the vocab_map_* functions.
+    pivot_gold_ids: the pivot tokenisation's token ids of the text, length L_pivot (ids < 0 such as
+    -100 mean "no gold token here").
+
+    Position convention: the logits stored at position i were computed from tokens 0..i, so they
+    predict token i + 1. Where pivot position i is matched one-to-one with source position j, the
+    source row j is used (its ids mapped; unmapped ids dropped; duplicate pivot ids keep the higher
+    logit). Everywhere else, or when no id survives the mapping, the row is a one-hot (logit 0) on
+    pivot_gold_ids[i + next_token_offset], the token that position's logits predict. The official
+    FuseChat code puts the one-hot on the input token i itself (next_token_offset=0), an
+    off-by-one that teaches the student to repeat its input. If that gold index is past the end or
+    negative, the row stays empty (all padding).
+
+    Returns (ids [L_pivot, k] int64 padded with -1, logits [L_pivot, k] float32 padded with -inf),
+    each row sorted by logit, highest first.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+    ids = np.asarray(src_topk_ids)
+    logits = np.asarray(src_topk_logits, dtype=np.float64)
+    vocab_map = np.asarray(vocab_map, dtype=np.int64)
+    gold = np.asarray(pivot_gold_ids, dtype=np.int64)
+    if ids.ndim != 2 or ids.shape != logits.shape:
+        raise ValueError(f"src_topk_ids {ids.shape} and src_topk_logits {logits.shape} must both be [L_src, K].")
+    if ids.shape[0] != alignment.n_src:
+        raise ValueError(f"{ids.shape[0]} source positions of top-k but the alignment has {alignment.n_src}.")
+    if gold.ndim != 1 or gold.shape[0] != alignment.n_tgt:
+        raise ValueError(f"pivot_gold_ids has shape {gold.shape}; the alignment has {alignment.n_tgt} pivot positions.")
+    if ids.size and ids.max() >= len(vocab_map):
+        raise ValueError(f"Source id {int(ids.max())} is outside the vocabulary map (size {len(vocab_map)}).")
+
+    out_ids = np.full((alignment.n_tgt, k), -1, dtype=np.int64)
+    out_logits = np.full((alignment.n_tgt, k), -np.inf, dtype=np.float32)
+    matched = alignment.tgt_to_src_one_to_one()
+    for i in range(alignment.n_tgt):
+        kept: Dict[int, float] = {}
+        j = matched[i]
+        if j >= 0:
+            for src_id, logit in zip(ids[j], logits[j]):
+                if src_id < 0 or not np.isfinite(logit):
+                    continue
+                pivot_id = int(vocab_map[src_id])
+                if pivot_id >= 0 and (pivot_id not in kept or logit > kept[pivot_id]):
+                    kept[pivot_id] = float(logit)
+        if not kept:
+            g = i + next_token_offset
+            if 0 <= g < len(gold) and gold[g] >= 0:
+                kept[int(gold[g])] = 0.0
+        # Highest logit first; equal logits by pivot id so the output is deterministic.
+        ranked = sorted(kept.items(), key=lambda item: (-item[1], item[0]))[:k]
+        for slot, (pivot_id, logit) in enumerate(ranked):
+            out_ids[i, slot] = pivot_id
+            out_logits[i, slot] = logit
+    return out_ids, out_logits
