@@ -21,6 +21,10 @@ help:
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	@# Optional: DeepSpeed (trainer.strategy=deepspeed_stage_2/3). Built against the torch above, without
+	@# build isolation so that it never pulls another torch; setup still succeeds where it cannot install.
+	$(PY) -m pip install --disable-pip-version-check -q --no-build-isolation deepspeed==0.19.8 \
+	  || echo "deepspeed not installed: trainer.strategy=deepspeed_* unavailable, its tests skip"
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -20,12 +20,13 @@ NODES=${SLURM_JOB_NUM_NODES:-1}
 # Lightning checks ntasks-per-node == devices: derive devices from the allocation so they agree.
 DEVICES=${SLURM_NTASKS_PER_NODE:-1}
 RUN_ID="slurm-${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID}}"
-RUN_DIR="runs/${RECIPE}/${RUN_ID}"
+RUN_ROOT=${RUN_ROOT:-runs}  # where run directories live (run.root); every segment must agree on it
+RUN_DIR="${RUN_ROOT}/${RECIPE}/${RUN_ID}"
 if [ -f "${RUN_DIR}/config.yaml" ]; then
   echo "[launch.sh] $(date -Is) requeued segment ${SLURM_RESTART_COUNT:-0}: resuming ${RUN_DIR}"
   exec srun --kill-on-bad-exit=1 "$PY" -m recipes resume "$RUN_DIR" "$@"
 else
   echo "[launch.sh] $(date -Is) new run ${RUN_DIR}"
-  exec srun --kill-on-bad-exit=1 "$PY" -m recipes train "$RECIPE" "run.run_id=${RUN_ID}" \
+  exec srun --kill-on-bad-exit=1 "$PY" -m recipes train "$RECIPE" "run.run_id=${RUN_ID}" "run.root=${RUN_ROOT}" \
     "trainer.num_nodes=${NODES}" "trainer.devices=${DEVICES}" "$@"
 fi

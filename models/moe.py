@@ -9,7 +9,7 @@ Contents
 - `SwiGLUExperts`        E expert MLPs stored as 3-D tensors in the Hugging Face Mixtral layout.
 - `SparseMoEBlock`       router + sorted token dispatch + optional capacity; records `last_routing`.
 - `load_balancing_loss`, `router_z_loss`, `collect_moe_aux_losses`, `moe_routing_metrics`.
-- `retrofit`, `load_retrofitted`, `trainable_module_names` for Hugging Face Mixtral / Qwen2-MoE / OLMoE.
+- `retrofit`, `load_retrofitted`, `restore_retrofit`, `trainable_module_names` for Hugging Face Mixtral / Qwen2-MoE / OLMoE.
 
 Routing record contract (shared with models/routing_probe.py): after every forward a block sets
 `self.last_routing = {"router_logits": [T, E_total], "topk_indices": [T, k], "topk_weights": [T, k],
@@ -218,17 +218,61 @@ def _repeat_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
 
 class SwiGLUExperts(nn.Module):
     """E SwiGLU MLPs in the Hugging Face Mixtral layout: `gate_up_proj` [E, 2I, d] (gate rows first,
-    then up rows) and `down_proj` [E, d, I]; expert e computes down_e(act(gate_e x) * up_e x)."""
+    then up rows) and `down_proj` [E, d, I]; expert e computes down_e(act(gate_e x) * up_e x).
+
+    `gate_up_proj` / `down_proj` may be existing Parameters (a retrofitted HF expert module's): they are
+    registered here as they are, not copied. The expert computation runs inside this module's own
+    `forward`, so frameworks that gather a module's parameters around its forward (DeepSpeed ZeRO-3)
+    see the expert weights used where they are owned."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 hidden_act: str = "silu", init_std: float = 0.02) -> None:
+                 hidden_act: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "silu", init_std: float = 0.02,
+                 gate_up_proj: Optional[nn.Parameter] = None, down_proj: Optional[nn.Parameter] = None) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        nn.init.normal_(self.gate_up_proj, std=init_std)
-        nn.init.normal_(self.down_proj, std=init_std)
-        self.act_fn = _activation(hidden_act)
+        if (gate_up_proj is None) != (down_proj is None):
+            raise ValueError("SwiGLUExperts: give both gate_up_proj and down_proj, or neither")
+        if gate_up_proj is None:
+            gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+            down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+            nn.init.normal_(gate_up_proj, std=init_std)
+            nn.init.normal_(down_proj, std=init_std)
+        expected = {"gate_up_proj": (num_experts, 2 * intermediate_size, hidden_size),
+                    "down_proj": (num_experts, hidden_size, intermediate_size)}
+        for name, weight in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+            if tuple(weight.shape) != expected[name]:
+                raise ValueError(f"SwiGLUExperts.{name} must have shape {expected[name]}, got {tuple(weight.shape)}")
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+        self.act_fn = _activation(hidden_act) if isinstance(hidden_act, str) else hidden_act
+
+    @classmethod
+    def sharing(cls, hf_experts: nn.Module) -> "SwiGLUExperts":
+        """Experts whose Parameters ARE those of a Hugging Face 3-D expert module (Mixtral / Qwen2-MoE /
+        OLMoE layout); the state-dict keys `experts.gate_up_proj` / `experts.down_proj` stay the same."""
+        num_experts, double_intermediate, hidden = hf_experts.gate_up_proj.shape
+        return cls(num_experts, hidden, double_intermediate // 2, hidden_act=hf_experts.act_fn,
+                   gate_up_proj=hf_experts.gate_up_proj, down_proj=hf_experts.down_proj)
+
+    def forward(self, tokens: torch.Tensor, token_ids: torch.Tensor, slot_weights: torch.Tensor,
+                counts: Sequence[int]) -> torch.Tensor:
+        """Sorted dispatch: `token_ids` [n] and `slot_weights` [n] list the assignments grouped by expert
+        (expert 0's first), `counts[e]` of them for expert e; entries after sum(counts) are ignored.
+        Returns sum over assignments of weight * expert(token), scattered back to a [T, d] output."""
+        output = torch.zeros_like(tokens)
+        num_assigned = int(sum(counts))  # entries past this (null / dropped slots) are not computed
+        if num_assigned == 0:
+            return output
+        token_ids, slot_weights = token_ids[:num_assigned], slot_weights[:num_assigned]
+        # One gather into expert order, contiguous slices per expert, one scatter-add back.
+        sorted_tokens = tokens[token_ids]
+        pieces, start = [], 0
+        for expert_index, count in enumerate(counts):
+            if count:
+                pieces.append(expert_forward(self, expert_index, sorted_tokens[start:start + count]))
+            start += count
+        expert_out = torch.cat(pieces, dim=0) * slot_weights[:, None].to(sorted_tokens.dtype)
+        return output.index_add_(0, token_ids, expert_out.to(output.dtype))
 
 
 def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -344,17 +388,7 @@ class SparseMoEBlock(nn.Module):
         token_of_slot = order // k
         weight_of_slot = topk_weights.reshape(-1)[order]
 
-        output = torch.zeros_like(tokens)
-        start = 0
-        for expert_index, count in enumerate(counts):
-            if count == 0:
-                continue
-            token_ids = token_of_slot[start:start + count]
-            expert_out = expert_forward(self.experts, expert_index, tokens[token_ids])
-            expert_out = expert_out * weight_of_slot[start:start + count, None]
-            output.index_add_(0, token_ids, expert_out.to(output.dtype))
-            start += count
-        return output
+        return self.experts(tokens, token_of_slot, weight_of_slot, counts)
 
     @classmethod
     def from_hf_block(cls, block: nn.Module, num_null_experts: int, top_k: int, norm_topk_prob: bool,
@@ -375,7 +409,7 @@ class SparseMoEBlock(nn.Module):
             router_jitter_noise=float(getattr(block, "jitter_noise", 0.0) or 0.0), **config_fields,
         )
         router = NullExpertRouter(config, true_gate_weight=gate_weight)
-        return cls(config, router=router, experts=experts,
+        return cls(config, router=router, experts=SwiGLUExperts.sharing(experts),
                    shared_expert=getattr(block, "shared_expert", None),
                    shared_expert_gate=getattr(block, "shared_expert_gate", None))
 
@@ -698,9 +732,23 @@ def load_retrofitted(path: Union[str, Path], **from_pretrained_kwargs: Any) -> n
         model = AutoModelForCausalLM.from_pretrained(str(path), **from_pretrained_kwargs)
     finally:
         hf_logging.set_verbosity(previous_verbosity)
-    retrofit(model, **settings)
+    return restore_retrofit(model, path)
+
+
+def restore_retrofit(model: nn.Module, path: Union[str, Path]) -> nn.Module:
+    """Finish loading a retrofitted checkpoint whose base weights are already in `model` (loaded with
+    `from_pretrained(path)`, which skips the null gates): `retrofit` with the settings saved in
+    `model.config.adamoe`, then copy the null-gate weights from the safetensors files in `path`."""
+    path = Path(path)
+    settings = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if not settings:
+        raise ValueError(f"the model loaded from {path} has no config.{CONFIG_KEY}: it is not a retrofitted "
+                         "checkpoint")
+    retrofit(model, **dict(settings))
 
     gates = _null_gates_by_layer(model)
+    if not gates:  # retrofitted with num_null_experts=0: nothing saved, nothing to load
+        return model
     saved = _checkpoint_null_gate_tensors(path)
     if set(gates) != set(saved):
         raise ValueError(f"{path}: null gates saved for layers {sorted(saved)} but the model has them in "

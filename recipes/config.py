@@ -77,12 +77,45 @@ class OptimConfig:
 
 
 @dataclass
+class DDPOptions:
+    find_unused_parameters: bool = False
+    bucket_cap_mb: float = 25.0  # gradients are all-reduced in buckets of this size
+    gradient_as_bucket_view: bool = True  # grads alias the buckets: saves one copy of the gradients
+
+
+@dataclass
+class DeepSpeedOptions:
+    # The ZeRO stage comes from the strategy name (deepspeed_stage_2 / deepspeed_stage_3). Bucket sizes
+    # are counts of elements, typed float so that `5e8` is accepted; they are rounded to integers.
+    offload_optimizer: bool = False  # optimizer states (and the step) on the CPU
+    offload_parameters: bool = False  # stage 3 only: parameters live on the CPU between uses
+    allgather_bucket_size: float = 2e8  # elements per all-gather of updated parameters (stage 2)
+    reduce_bucket_size: float = 2e8  # elements per gradient reduce-scatter
+    overlap_comm: bool = True  # overlap gradient reduction with the backward pass
+    contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced
+    stage3_prefetch_bucket_size: float = 5e7  # elements of parameters fetched ahead (stage 3)
+    stage3_param_persistence_threshold: float = 1e5  # smaller parameters stay unpartitioned (stage 3)
+    process_group_backend: Optional[str] = None  # None: nccl on GPUs, gloo on CPUs
+
+
+@dataclass
+class FSDP2Options:
+    reshard_after_forward: bool = True  # free gathered layer weights after forward (ZeRO-3-like)
+    # A directory with one shard file per rank (fast, no gather); False gathers one file on rank 0.
+    save_distributed_checkpoint: bool = True
+    process_group_backend: Optional[str] = None
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 200
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"
+    strategy: str = "auto"  # auto | ddp | deepspeed_stage_2 | deepspeed_stage_3 | fsdp2 (recipes/train.py)
+    ddp: DDPOptions = field(default_factory=DDPOptions)
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+    fsdp2: FSDP2Options = field(default_factory=FSDP2Options)
     precision: str = "auto"  # auto = bf16-mixed where the hardware supports it, else 32-true
     accumulate_grad_batches: int = 1
     val_check_interval: int = 50  # in optimizer steps
@@ -146,7 +179,19 @@ def _schema() -> DictConfig:
         OmegaConf.set_struct(cfg, False)
         cfg[name] = OmegaConf.structured(cls)
         OmegaConf.set_struct(cfg, True)
+    _unlock_free_dicts(cfg)
     return cfg
+
+
+def _unlock_free_dicts(node: DictConfig) -> None:
+    """Dict[str, Any] fields (e.g. model.overrides) take the user's own keys: lift struct mode there."""
+    for k in list(node.keys()):
+        child = node._get_node(k)
+        if isinstance(child, DictConfig):
+            if _is_free_dict(node, k):
+                OmegaConf.set_struct(child, False)
+            else:
+                _unlock_free_dicts(child)
 
 
 def _flat_keys(node: Any, prefix: str = "") -> List[str]:

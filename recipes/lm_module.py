@@ -70,6 +70,28 @@ class CausalLMModule(L.LightningModule):
     def summary_metrics(self) -> Dict[str, Any]:
         return {}
 
+    # ---------------------------------------------------------------- sharding
+    def configure_model(self) -> None:
+        """FSDP2 (trainer.strategy=fsdp2, Lightning's ModelParallelStrategy, which sets a device mesh):
+        `fully_shard` each decoder layer over the data-parallel mesh, then the root (embeddings, final norm,
+        head). Each layer's weights are gathered just for its own forward/backward. Other strategies: no-op."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or getattr(self, "_fully_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"]
+        reshard = getattr(self, "fsdp2_reshard_after_forward", True)
+        layers = [m for name, m in self.model.named_modules()
+                  if isinstance(m, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks")]
+        if not layers:
+            raise ValueError(f"fsdp2: found no decoder layer list (layers / h / blocks) in {type(self.model).__name__}.")
+        for layer_list in layers:
+            for layer in layer_list:
+                fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard)
+        fully_shard(self.model, mesh=dp_mesh, reshard_after_forward=reshard)
+        self._fully_sharded = True
+
     # ---------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, **kw):
         return self._forward(input_ids=input_ids, **kw)

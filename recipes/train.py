@@ -15,12 +15,12 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from omegaconf import DictConfig
 
 from .config import ConfigError, import_recipe_module, load_saved_config, save_config, to_dict
-from .checkpointing import AtomicCheckpointIO, newest_checkpoint
+from .checkpointing import AtomicCheckpointIO, atomic_directory_saves, newest_checkpoint
 
 
 def new_run_id() -> str:
@@ -79,6 +79,117 @@ def resolve_precision(setting: str) -> str:
     return "32-true"
 
 
+# ------------------------------------------------------------------------------------------- strategies
+# trainer.strategy names a builder here; each builder reads its typed options (trainer.ddp, trainer.deepspeed,
+# trainer.fsdp2) and returns what `L.Trainer(strategy=...)` takes. Tests register CPU variants on top.
+StrategyBuilder = Callable[[DictConfig], Any]
+STRATEGIES: Dict[str, StrategyBuilder] = {}
+
+
+def register_strategy(name: str, builder: Optional[StrategyBuilder] = None):
+    """Register (or replace) the builder for `trainer.strategy=<name>`; usable as a decorator."""
+    def deco(fn: StrategyBuilder) -> StrategyBuilder:
+        STRATEGIES[name] = fn
+        return fn
+
+    return deco(builder) if builder is not None else deco
+
+
+@register_strategy("auto")
+def _auto_strategy(cfg: DictConfig) -> str:
+    return "auto"
+
+
+@register_strategy("ddp")
+def _ddp_strategy(cfg: DictConfig):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    o = cfg.trainer.ddp
+    return DDPStrategy(find_unused_parameters=o.find_unused_parameters, bucket_cap_mb=o.bucket_cap_mb,
+                       gradient_as_bucket_view=o.gradient_as_bucket_view)
+
+
+def deepspeed_config(cfg: DictConfig, stage: int) -> Dict[str, Any]:
+    """The DeepSpeed JSON config of trainer.deepspeed for ZeRO `stage`. Lightning adds batch size, gradient
+    accumulation, clipping and precision to it."""
+    o = cfg.trainer.deepspeed
+    if o.offload_parameters and stage != 3:
+        raise ConfigError("trainer.deepspeed.offload_parameters needs ZeRO stage 3 "
+                          f"(trainer.strategy=deepspeed_stage_3), got trainer.strategy={cfg.trainer.strategy}.")
+    for key in ("allgather_bucket_size", "reduce_bucket_size", "stage3_prefetch_bucket_size",
+                "stage3_param_persistence_threshold"):
+        if o[key] < 0:
+            raise ConfigError(f"trainer.deepspeed.{key} must be >= 0, got {o[key]}.")
+    zero: Dict[str, Any] = {"stage": stage, "overlap_comm": o.overlap_comm,
+                            "contiguous_gradients": o.contiguous_gradients,
+                            "reduce_bucket_size": int(o.reduce_bucket_size)}
+    if stage == 2:
+        zero.update(allgather_partitions=True, reduce_scatter=True,
+                    allgather_bucket_size=int(o.allgather_bucket_size))
+    else:
+        zero.update(stage3_prefetch_bucket_size=int(o.stage3_prefetch_bucket_size),
+                    stage3_param_persistence_threshold=int(o.stage3_param_persistence_threshold))
+    if o.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if o.offload_parameters:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    # The optimizer is the recipe's own torch AdamW (configure_optimizers); with offload DeepSpeed would
+    # otherwise insist on its compiled CPU Adam.
+    return {"zero_optimization": zero, "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False}
+
+
+def deepspeed_strategy(cfg: DictConfig, stage: int, strategy_cls=None):
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"trainer.strategy={cfg.trainer.strategy} needs the deepspeed package "
+                          "(pip install --no-build-isolation deepspeed==0.19.8).") from None
+    if strategy_cls is None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy as strategy_cls
+    # Its checkpoints are directories written in place: make them appear under their name only when whole.
+    return atomic_directory_saves(strategy_cls)(
+        config=deepspeed_config(cfg, stage), process_group_backend=cfg.trainer.deepspeed.process_group_backend)
+
+
+register_strategy("deepspeed_stage_2", lambda cfg: deepspeed_strategy(cfg, 2))
+register_strategy("deepspeed_stage_3", lambda cfg: deepspeed_strategy(cfg, 3))
+
+
+@register_strategy("fsdp2")
+def _fsdp2_strategy(cfg: DictConfig):
+    """FSDP2: Lightning's ModelParallelStrategy; CausalLMModule.configure_model applies `fully_shard` per
+    decoder layer over the data-parallel mesh (every device is one data-parallel rank, no tensor parallelism)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    o = cfg.trainer.fsdp2
+    world = cfg.trainer.num_nodes * _devices_per_node(cfg)
+    return atomic_directory_saves(ModelParallelStrategy)(
+        data_parallel_size=world, tensor_parallel_size=1,
+        save_distributed_checkpoint=o.save_distributed_checkpoint,
+        process_group_backend=o.process_group_backend)
+
+
+def _devices_per_node(cfg: DictConfig) -> int:
+    d = cfg.trainer.devices
+    if isinstance(d, int):
+        return d
+    if isinstance(d, str) and d.isdigit():
+        return int(d)
+    if isinstance(d, (list, tuple)) or (hasattr(d, "__len__") and not isinstance(d, str)):
+        return len(d)
+    raise ConfigError(f"trainer.strategy={cfg.trainer.strategy} needs trainer.devices as a count or a list "
+                      f"of device indices, got {d!r}.")
+
+
+def build_strategy(cfg: DictConfig):
+    """The Lightning strategy (object or name) for trainer.strategy, from the STRATEGIES registry."""
+    name = cfg.trainer.strategy
+    if name not in STRATEGIES:
+        raise ConfigError(f"Unknown trainer.strategy '{name}'. Choose one of: {', '.join(sorted(STRATEGIES))}.")
+    return STRATEGIES[name](cfg)
+
+
 def make_run_dir(cfg: DictConfig) -> Path:
     # Lightning's DDP launcher re-runs this command for ranks > 0: they must find the same run id.
     run_id = cfg.run.run_id or os.environ.get("LM_RECIPES_RUN_ID") or new_run_id()
@@ -122,6 +233,14 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
         write_json_atomic(run_dir / "summary.json", summary)
         return run_dir
 
+    # SLURM's SIGUSR1 may come while data and model are still being set up: record it from the start (the
+    # default action would kill the process); the checkpoint + requeue then happen at the first step boundary.
+    preemption = PreemptionCheckpoint(run_dir)
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, preemption._handler)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     dm = build_datamodule(cfg)
@@ -142,7 +261,6 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
 
     from models.factory import flops_per_token
 
-    preemption = PreemptionCheckpoint(run_dir)
     throughput = ThroughputMonitor(flops_per_token(module.model, cfg.data.block_size))
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
@@ -160,7 +278,8 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
     if recipe_mod is not None and hasattr(recipe_mod, "callbacks"):
         callbacks += list(recipe_mod.callbacks(cfg, run_dir))
 
-    strategy = cfg.trainer.strategy
+    strategy = build_strategy(cfg)
+    module.fsdp2_reshard_after_forward = cfg.trainer.fsdp2.reshard_after_forward
     plugins = [AtomicCheckpointIO()]
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
