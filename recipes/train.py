@@ -191,8 +191,11 @@ def build_strategy(cfg: DictConfig):
 
 
 def make_run_dir(cfg: DictConfig) -> Path:
-    # Lightning's DDP launcher re-runs this command for ranks > 0: they must find the same run id.
-    run_id = cfg.run.run_id or os.environ.get("LM_RECIPES_RUN_ID") or new_run_id()
+    # Lightning's DDP launcher re-runs this command for local ranks > 0 (LOCAL_RANK set in their environment):
+    # they must find the same run id. The launching process never reads it back, so a second train() in the
+    # same process (a pipeline recipe, a notebook, a test) gets a run of its own.
+    inherited = os.environ.get("LM_RECIPES_RUN_ID") if os.environ.get("LOCAL_RANK", "0") != "0" else None
+    run_id = cfg.run.run_id or inherited or new_run_id()
     os.environ["LM_RECIPES_RUN_ID"] = run_id
     cfg.run.run_id = run_id
     run_dir = Path(cfg.run.root) / cfg.run.name / run_id

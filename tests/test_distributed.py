@@ -138,3 +138,16 @@ def test_kill9_at_random_points_always_resumes(tmp_path, data_cache, seed):
     r = _cli("resume", str(run_dir))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["step"] == steps
+
+
+def test_run_id_is_shared_with_ddp_children_only(tmp_path, monkeypatch):
+    from recipes.config import load_config
+    from recipes.train import make_run_dir
+
+    monkeypatch.delenv("LM_RECIPES_RUN_ID", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the launching process (Lightning sets 0 there)
+    first = make_run_dir(load_config("tiny", [f"run.root={tmp_path}"]))
+    second = make_run_dir(load_config("tiny", [f"run.root={tmp_path}"]))
+    assert first != second  # a second run in one process is a run of its own, not a leak of the first's id
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a child the DDP launcher started: it joins the parent's run
+    assert make_run_dir(load_config("tiny", [f"run.root={tmp_path}"])) == second
