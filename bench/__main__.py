@@ -32,7 +32,9 @@ def _load_modules():
 def write_markdown(results: dict) -> None:
     lines = ["# Benchmarks", "",
              "Written by `make bench` from `bench/results.json`; each section gives the date, the machine and the",
-             "command. Ratios are measured side by side in one run (the machines are shared and noisy).", ""]
+             "command. Ratios are measured side by side in one run (the machines are shared and noisy).", "",
+             "All figures so far are from 2-core CPU machines: no GPU was available to the sessions that wrote",
+             "them, so bf16 steps, real ZeRO-2/3 on GPUs, and GPU throughput / MFU are not measured yet.", ""]
     for name in sorted(results):
         r = results[name]
         lines += [f"## {name}", "", DESCRIPTIONS.get(name, r.get("description", "")), "",
@@ -79,6 +81,8 @@ def main() -> int:
             entry["error"] = f"{type(e).__name__}: {e}"[:500]
             failed += 1
         entry["bench_wall_s"] = round(time.time() - t, 1)
+        if RESULTS.exists():  # re-read: other benchmarks may have been written while this one ran
+            results = json.loads(RESULTS.read_text())
         results[n] = entry
         print(f"[bench] {n}: {entry.get('figures', entry.get('error'))}", flush=True)
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True))

@@ -264,12 +264,16 @@ class SwiGLUExperts(nn.Module):
         if num_assigned == 0:
             return output
         token_ids, slot_weights = token_ids[:num_assigned], slot_weights[:num_assigned]
-        # One gather into expert order, contiguous slices per expert, one scatter-add back.
-        sorted_tokens = tokens[token_ids]
+        # One gather into expert order, contiguous slices per expert, one scatter-add back. index_select and
+        # unbind (not x[idx] / w[e]) keep the backward cheap: an index_add, and ONE stack of the per-expert
+        # weight gradients instead of a full-size zero gradient per expert.
+        sorted_tokens = torch.index_select(tokens, 0, token_ids)
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         pieces, start = [], 0
         for expert_index, count in enumerate(counts):
             if count:
-                pieces.append(expert_forward(self, expert_index, sorted_tokens[start:start + count]))
+                gate, up = F.linear(sorted_tokens[start:start + count], gate_up[expert_index]).chunk(2, dim=-1)
+                pieces.append(F.linear(self.act_fn(gate) * up, down[expert_index]))
             start += count
         expert_out = torch.cat(pieces, dim=0) * slot_weights[:, None].to(sorted_tokens.dtype)
         return output.index_add_(0, token_ids, expert_out.to(output.dtype))

@@ -164,6 +164,7 @@ class CausalLMModule(L.LightningModule):
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": c["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups (e.g. LoRA: all 2-D)
         opt = torch.optim.AdamW(groups, lr=c["lr"], betas=tuple(c["betas"]), eps=c["eps"])
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, c["warmup_steps"], self.max_steps, c["min_lr_ratio"]))

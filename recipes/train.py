@@ -233,7 +233,8 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
 
     if recipe_mod is not None and hasattr(recipe_mod, "run"):
         summary = recipe_mod.run(cfg, run_dir)
-        write_json_atomic(run_dir / "summary.json", summary)
+        if summary is not None:  # None: this rank has no summary to write (another rank writes it)
+            write_json_atomic(run_dir / "summary.json", summary)
         return run_dir
 
     # SLURM's SIGUSR1 may come while data and model are still being set up: record it from the start (the
