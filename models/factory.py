@@ -81,7 +81,7 @@ def available_archs() -> Dict[str, list]:
 
 def _import_extras() -> None:
     # Architectures outside transformers register on import; a missing one is simply not offered.
-    for mod in ("models.tokenformer",):
+    for mod in ("models.tokenformer", "models.openmoe"):
         try:
             __import__(mod)
         except ImportError:

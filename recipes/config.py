@@ -307,6 +307,7 @@ def load_config(recipe: str, overrides: Optional[List[str]] = None, base: Option
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"Unknown recipe '{recipe}'.{hint} Available recipes: {', '.join(recipes)}.")
     import_recipe_module(recipe)  # registers its config section, if it has one
+    import_recipe_module("routing_callback")  # `routing_probe.*`: the opt-in MoE routing callback, any recipe
     cfg = _schema()
     if base is not None:
         cfg = _merge(cfg, OmegaConf.to_container(base, resolve=True), "the saved run config")

@@ -281,6 +281,9 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
     if recipe_mod is not None and hasattr(recipe_mod, "callbacks"):
         callbacks += list(recipe_mod.callbacks(cfg, run_dir))
+    from .routing_callback import routing_callbacks
+
+    callbacks += routing_callbacks(cfg, run_dir)  # routing_probe.enabled (MoE recipes)
 
     strategy = build_strategy(cfg)
     module.fsdp2_reshard_after_forward = cfg.trainer.fsdp2.reshard_after_forward
