@@ -8,6 +8,9 @@ Wang et al., 2024 (SPEC.md section 3). Plain PyTorch, one readable file:
   `from_pretrained`).
 * `grow_parameter_tokens`: progressive scaling by appending parameter tokens, optionally exactly
   function-preserving (zero new keys + tau frozen at its pre-growth value).
+* On import the architecture registers with `models.factory.register_arch("tokenformer", ...)`, so
+  `model.arch=tokenformer model.size=<name>` builds one in any recipe and `model.pretrained=<dir>` loads a
+  saved one (config.json "model_type": "tokenformer").
 
 No maintained library implements Pattention or TokenFormer growth, so this is written by hand.
 """
@@ -292,19 +295,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-second, first], dim=-1)
 
 
-def apply_partial_rotary(x: torch.Tensor, rotary_dims: int, base: float) -> torch.Tensor:
-    """Rotary position embedding (GPT-NeoX half-split layout) on the first `rotary_dims` of each head.
+def rotary_cos_sin(
+    seq_len: int, rotary_dims: int, base: float, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, (seq_len, rotary_dims), for positions 0..seq_len-1 (angles in at least fp32).
 
-    x: (batch, heads, seq, head_dim); positions are 0..seq-1.
+    Computed once per forward pass and shared by every layer."""
+    angle_dtype = torch.promote_types(dtype, torch.float32)
+    inv_freq = base ** (-torch.arange(0, rotary_dims, 2, device=device, dtype=angle_dtype) / rotary_dims)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=angle_dtype), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (GPT-NeoX half-split layout) on the first `cos.shape[-1]` dims of each head.
+
+    x: (batch, heads, seq, head_dim); cos/sin from `rotary_cos_sin`.
     """
+    rotary_dims = cos.shape[-1]
     if rotary_dims == 0:
         return x
-    seq_len = x.shape[-2]
-    angle_dtype = torch.promote_types(x.dtype, torch.float32)
-    inv_freq = base ** (-torch.arange(0, rotary_dims, 2, device=x.device, dtype=angle_dtype) / rotary_dims)
-    angles = torch.outer(torch.arange(seq_len, device=x.device, dtype=angle_dtype), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     rotated, passed = x[..., :rotary_dims], x[..., rotary_dims:]
     rotated = rotated * cos + _rotate_half(rotated) * sin
     return torch.cat([rotated, passed], dim=-1)
@@ -334,7 +345,9 @@ class TokenFormerBlock(nn.Module):
     def pattentions(self) -> dict[str, Pattention]:
         return {"query": self.query, "key": self.key, "value": self.value, "output": self.output, "ffn": self.ffn}
 
-    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, attn_mask: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         batch, seq_len, d = hidden.shape
         heads, head_dim = self.config.num_heads, self.config.head_dim
 
@@ -343,8 +356,8 @@ class TokenFormerBlock(nn.Module):
 
         normed = self.attn_norm(hidden)
         q, k, v = (split_heads(p(normed)) for p in (self.query, self.key, self.value))
-        q = apply_partial_rotary(q, self.config.rotary_dims, self.config.rotary_base)
-        k = apply_partial_rotary(k, self.config.rotary_dims, self.config.rotary_base)
+        q = apply_partial_rotary(q, *rotary)
+        k = apply_partial_rotary(k, *rotary)
         if attn_mask is None:
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -393,8 +406,10 @@ class TokenFormerForCausalLM(nn.Module):
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len={self.config.max_seq_len}")
         hidden = self.embed_tokens(input_ids)
         attn_mask = None if attention_mask is None else self._attention_bias_mask(attention_mask, input_ids)
+        rotary = rotary_cos_sin(seq_len, self.config.rotary_dims, self.config.rotary_base, hidden.device,
+                                hidden.dtype)
         for layer in self.layers:
-            hidden = layer(hidden, attn_mask)
+            hidden = layer(hidden, attn_mask, rotary)
         hidden = self.final_norm(hidden)
         head_weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden, head_weight)
@@ -426,6 +441,10 @@ class TokenFormerForCausalLM(nn.Module):
         self_only = torch.eye(seq_len, dtype=torch.bool, device=input_ids.device)
         keys_kept = attention_mask.bool()[:, None, None, :]
         return causal & (keys_kept | self_only)  # (batch, 1, seq, seq)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """As in Hugging Face models (models.factory reads the vocabulary size and FLOPs through it)."""
+        return self.embed_tokens
 
     # ---- sizes -------------------------------------------------------------------------------------
 
@@ -573,3 +592,40 @@ def grow_parameter_tokens(
     for layer in model.layers:
         layer.config = new_config
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration with models.factory: `model.arch=tokenformer model.size=<name>` and `model.pretrained=<dir>`
+# --------------------------------------------------------------------------------------------------
+
+
+def config_from_spec(spec: Any) -> TokenFormerConfig:
+    """The TokenFormerConfig of a `models.factory.ModelSpec`: the named size, the tokenizer's vocabulary,
+    a context of at least the data's block size, then `model.overrides` (any TokenFormerConfig field)."""
+    if spec.size not in TOKENFORMER_SIZES:
+        raise ValueError(
+            f"Unknown size '{spec.size}' for model.arch=tokenformer; known: {', '.join(TOKENFORMER_SIZES)}."
+        )
+    fields = dict(TOKENFORMER_SIZES[spec.size])
+    fields["vocab_size"] = spec.vocab_size
+    fields["max_seq_len"] = max(spec.max_seq_len, fields.get("max_seq_len", spec.max_seq_len))
+    fields.update(spec.overrides or {})
+    return TokenFormerConfig.from_dict(fields)
+
+
+def build_from_spec(spec: Any) -> TokenFormerForCausalLM:
+    return TokenFormerForCausalLM(config_from_spec(spec))
+
+
+def load_from_directory(path: str) -> TokenFormerForCausalLM:
+    # fp32 like the factory's transformers path: training precision is the Trainer's business.
+    return TokenFormerForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _register() -> None:
+    from models.factory import register_arch
+
+    register_arch(MODEL_TYPE, build_from_spec, load_from_directory, TOKENFORMER_SIZES)
+
+
+_register()

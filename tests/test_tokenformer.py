@@ -204,6 +204,22 @@ def test_rotary_fraction_is_quarter_of_head_dims():
     assert config.rotary_dims == 8
 
 
+def test_partial_rotary_matches_hand_rotation():
+    from models.tokenformer import apply_partial_rotary, rotary_cos_sin
+
+    # head_dim 8, 4 rotated dims: pairs (0, 2) with frequency 1 and (1, 3) with 10000^(-2/4) = 0.01.
+    x = torch.randn(1, 1, 3, 8, dtype=torch.float64)
+    cos, sin = rotary_cos_sin(3, 4, 10000.0, x.device, x.dtype)
+    out = apply_partial_rotary(x, cos, sin)
+    for pos in range(3):
+        v, o = x[0, 0, pos], out[0, 0, pos]
+        for i, j, freq in ((0, 2, 1.0), (1, 3, 0.01)):
+            a = pos * freq
+            assert o[i].item() == pytest.approx(v[i].item() * math.cos(a) - v[j].item() * math.sin(a), abs=1e-12)
+            assert o[j].item() == pytest.approx(v[j].item() * math.cos(a) + v[i].item() * math.sin(a), abs=1e-12)
+        assert torch.equal(o[4:], v[4:])  # the other 75% of the head dims pass through
+
+
 def test_tiny_model_loss_falls_with_adamw():
     torch.manual_seed(0)
     model = TokenFormerForCausalLM(TokenFormerConfig.from_name("tiny"))
