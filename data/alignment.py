@@ -13,9 +13,12 @@ vocabulary. Three pieces:
 3. Distribution alignment (`align_distributions`): at one-to-one pivot positions the source's
    top-k ids go through the vocabulary map; elsewhere a one-hot on the pivot's gold next token.
 
-Edit distances come from rapidfuzz (C++); the DTW recursion is numpy, vectorised over
-anti-diagonals. `_reference_align` is a plain-Python version of the same computation kept as the
-benchmark baseline and as an independent check in the tests.
+Edit distances come from rapidfuzz (C++), once per pair of distinct token strings; the DTW
+recursion is numpy, vectorised over anti-diagonals and over a batch of sequences
+(`align_token_sequences_batch`, what the align stage uses: the Python loop runs once per
+anti-diagonal for a whole shard). No compiled code of our own. `_reference_align` is a plain-Python
+version of the same computation kept as the benchmark baseline and as an independent check in the
+tests: paths and costs are identical, bit for bit.
 """
 from __future__ import annotations
 
@@ -162,34 +165,34 @@ class TokenAlignment:
 
 def _groups_from_path(path: Sequence[Tuple[int, int]]) -> Tuple[Group, ...]:
     """Cut the path where it steps diagonally: cells reached by a vertical or horizontal step share
-    a row or a column with the previous cell, so they belong to the same many-to-many group."""
-    groups: List[Group] = []
-    src: List[int] = []
-    tgt: List[int] = []
-    previous: Optional[Tuple[int, int]] = None
-    for i, j in path:
-        if previous is not None and i != previous[0] and j != previous[1]:
-            groups.append((tuple(sorted(set(src))), tuple(sorted(set(tgt)))))
-            src, tgt = [], []
-        src.append(i)
-        tgt.append(j)
-        previous = (i, j)
-    if src:
-        groups.append((tuple(sorted(set(src))), tuple(sorted(set(tgt)))))
-    return tuple(groups)
+    a row or a column with the previous cell, so they belong to the same many-to-many group. The
+    path moves by at most one in each coordinate, so a group's indices are whole ranges."""
+    if not len(path):
+        return ()
+    cells = np.asarray(path, dtype=np.int64).reshape(-1, 2)
+    step = np.diff(cells, axis=0)
+    starts = np.concatenate([[0], np.nonzero((step[:, 0] != 0) & (step[:, 1] != 0))[0] + 1])
+    ends = np.concatenate([starts[1:], [len(cells)]]) - 1
+    first, last = cells[starts].tolist(), cells[ends].tolist()
+    return tuple((tuple(range(i0, i1 + 1)), tuple(range(j0, j1 + 1))) for (i0, j0), (i1, j1) in zip(first, last))
 
 
 def _backtrack(acc: np.ndarray) -> List[Tuple[int, int]]:
     """Walk back from the last cell through the accumulated-cost matrix `acc` (shape (n+1, m+1),
     inf border, acc[i+1, j+1] is cell (i, j)). Ties prefer the diagonal, then the step that moves
-    the source index (up), then the target index (left): fewer, larger one-to-one groups."""
-    i, j = acc.shape[0] - 2, acc.shape[1] - 2
+    the source index (up), then the target index (left): fewer, larger one-to-one groups.
+    The step out of every cell is decided for the whole matrix at once (numpy); the walk reads it."""
+    n, m = acc.shape[0] - 1, acc.shape[1] - 1
+    diag, up, left = acc[:-1, :-1], acc[:-1, 1:], acc[1:, :-1]  # predecessors of cell (i, j)
+    # 0: diagonal, 1: up (i - 1), 2: left (j - 1)
+    move = np.where((diag <= up) & (diag <= left), 0, np.where(up <= left, 1, 2)).ravel().tolist()
+    i, j = n - 1, m - 1
     path = [(i, j)]
     while i > 0 or j > 0:
-        diag, up, left = acc[i, j], acc[i, j + 1], acc[i + 1, j]
-        if diag <= up and diag <= left:
+        step = move[i * m + j]
+        if step == 0:
             i, j = i - 1, j - 1
-        elif up <= left:
+        elif step == 1:
             i -= 1
         else:
             j -= 1
@@ -198,56 +201,132 @@ def _backtrack(acc: np.ndarray) -> List[Tuple[int, int]]:
     return path
 
 
+def _unique_strings(strings: Sequence[str]) -> Tuple[List[str], np.ndarray]:
+    """Distinct strings in first-seen order and, per input string, its index among them."""
+    index: Dict[str, int] = {}
+    inverse = np.fromiter((index.setdefault(s, len(index)) for s in strings), dtype=np.int64, count=len(strings))
+    return list(index), inverse
+
+
+def _pair_cost_matrix(src: Sequence[str], tgt: Sequence[str], substring_weight: float, workers: int) -> np.ndarray:
+    """token_cost_matrix on strings that are all distinct (the expensive part runs once per pair)."""
+    distance = process.cdist(src, tgt, scorer=Levenshtein.distance, dtype=np.int32, workers=workers)
+    cost = distance.astype(np.float64)
+    if substring_weight != 1.0:
+        # If a is a substring of b, b -> a takes only deletions, so distance == |len(b) - len(a)|:
+        # only those pairs can be containments. The empty string is in every string (vectorised);
+        # the remaining candidates are tested with Python's `in` (C code, one call per pair).
+        src_len = np.array([len(s) for s in src])
+        tgt_len = np.array([len(t) for t in tgt])
+        maybe = (distance == np.abs(src_len[:, None] - tgt_len[None, :])) & (distance > 0)
+        empty = (src_len[:, None] == 0) | (tgt_len[None, :] == 0)
+        contains = maybe & empty
+        rows, cols = np.nonzero(maybe & ~empty)
+        hit = np.fromiter(
+            ((src[i] in tgt[j]) or (tgt[j] in src[i]) for i, j in zip(rows.tolist(), cols.tolist())),
+            dtype=bool, count=len(rows),
+        )
+        contains[rows[hit], cols[hit]] = True
+        cost[contains] *= substring_weight
+    return cost
+
+
 def token_cost_matrix(
     src_strings: Sequence[str], tgt_strings: Sequence[str], substring_weight: float = 0.1, workers: int = 1
 ) -> np.ndarray:
     """cost[i, j] = Levenshtein(src_i, tgt_j), times `substring_weight` when one string contains the
     other. The discount is the official FuseChat cost: without it, plain edit distance prefers
-    pairing pieces of similar length ("Hel"/"Hello", "lo"/"wor") over the true split."""
+    pairing pieces of similar length ("Hel"/"Hello", "lo"/"wor") over the true split.
+    A pair's cost depends only on its two strings, so it is computed once per pair of DISTINCT
+    strings (a text repeats about half of its tokens) and gathered into the full matrix."""
     if not len(src_strings) or not len(tgt_strings):
         return np.zeros((len(src_strings), len(tgt_strings)), dtype=np.float64)
-    distance = process.cdist(src_strings, tgt_strings, scorer=Levenshtein.distance, dtype=np.int32, workers=workers)
-    cost = distance.astype(np.float64)
-    if substring_weight != 1.0:
-        # If a is a substring of b, b -> a takes only deletions, so distance == |len(b) - len(a)|.
-        # Test containment only on those (few) pairs; equal strings cost 0 either way.
-        src_len = np.array([len(s) for s in src_strings])
-        tgt_len = np.array([len(t) for t in tgt_strings])
-        maybe = (distance == np.abs(src_len[:, None] - tgt_len[None, :])) & (distance > 0)
-        rows, cols = np.nonzero(maybe)
-        contains = np.fromiter(
-            ((src_strings[i] in tgt_strings[j]) or (tgt_strings[j] in src_strings[i]) for i, j in zip(rows, cols)),
-            dtype=bool, count=len(rows),
-        )
-        cost[rows[contains], cols[contains]] *= substring_weight
-    return cost
+    src_unique, src_inverse = _unique_strings(src_strings)
+    tgt_unique, tgt_inverse = _unique_strings(tgt_strings)
+    cost = _pair_cost_matrix(src_unique, tgt_unique, substring_weight, workers)
+    return cost[src_inverse[:, None], tgt_inverse[None, :]]
+
+
+def _band_cost(cost: np.ndarray, band: Optional[int]) -> np.ndarray:
+    """Sakoe-Chiba band around the straight line from (0, 0) to (n-1, m-1) (cells outside: inf cost);
+    never narrower than the line's slope, so every row's allowed cells connect to the next row's."""
+    if band is None:
+        return cost
+    n, m = cost.shape
+    slope = (m - 1) / (n - 1) if n > 1 else float(m - 1)  # one row: the path is the whole row
+    half_width = max(float(band), float(np.ceil(max(slope, 1.0))))
+    centre = np.arange(n, dtype=np.float64)[:, None] * slope
+    cols = np.arange(m)[None, :]
+    return np.where(np.abs(cols - centre) <= half_width, cost, np.inf)
+
+
+def _antidiagonal_view(a: np.ndarray) -> np.ndarray:
+    """View of an (N + 1, M + 1, B) C-contiguous array by anti-diagonal: view[s, p] is a[p, s - p]
+    (the element at address (s + p * M) * B). Only entries with 0 <= s - p <= M are a's elements;
+    the callers never touch the others."""
+    n1, m1, batch = a.shape
+    item = a.itemsize
+    return np.lib.stride_tricks.as_strided(a, shape=(n1 + m1 - 1, n1, batch),
+                                           strides=(batch * item, (m1 - 1) * batch * item, item))
+
+
+def _dtw_accumulate_batch(costs: Sequence[np.ndarray], band: Optional[int] = None) -> List[np.ndarray]:
+    """Accumulated DTW cost of several cost matrices at once, one anti-diagonal at a time.
+
+    Each cell needs only the two previous anti-diagonals, so the Python loop runs N + M - 1 times
+    (N, M: the largest shapes of the batch) and every step is three numpy vector ops over the
+    whole batch: the loop overhead is shared by the batch. Matrices are padded to (N, M) with inf
+    cost; a cell inside a matrix only ever reads cells inside it or its inf/0 border, so padding
+    never changes a value. Both the padded costs and the accumulator are (N + 1, M + 1, B) arrays
+    (batch innermost) read and written through an anti-diagonal strided view, so a cell's three
+    predecessors are plain slices of anti-diagonals s - 1 and s - 2 (no copies, no fancy
+    indexing). The arithmetic is the cell-by-cell recursion's (the same two mins in the same
+    order, then one addition), so results match it bit for bit. Memory: two (N + 1) x (M + 1) x B
+    float64 arrays. Returns per matrix the usual (n + 1) x (m + 1) matrix (inf border row and
+    column, acc[i + 1, j + 1] is cell (i, j))."""
+    if not costs:
+        return []
+    costs = [_band_cost(np.asarray(c, dtype=np.float64), band) for c in costs]
+    n_max = max(c.shape[0] for c in costs)
+    m_max = max(c.shape[1] for c in costs)
+    batch = len(costs)
+    padded_cost = np.full((n_max + 1, m_max + 1, batch), np.inf, dtype=np.float64)
+    for b, c in enumerate(costs):
+        padded_cost[1 : c.shape[0] + 1, 1 : c.shape[1] + 1, b] = c
+    acc = np.full((n_max + 1, m_max + 1, batch), np.inf, dtype=np.float64)
+    acc[0, 0] = 0.0
+    cost_diag, acc_diag = _antidiagonal_view(padded_cost), _antidiagonal_view(acc)
+    best = np.empty((n_max + 1, batch), dtype=np.float64)
+    for s in range(2, n_max + m_max + 1):
+        lo, hi = max(1, s - m_max), min(n_max, s - 1) + 1  # rows p of anti-diagonal s inside the matrix
+        out = best[: hi - lo]
+        # min(acc[p-1, q-1], acc[p-1, q]) then min with acc[p, q-1], as in the reference
+        np.minimum(acc_diag[s - 2, lo - 1 : hi - 1], acc_diag[s - 1, lo - 1 : hi - 1], out=out)
+        np.minimum(out, acc_diag[s - 1, lo:hi], out=out)
+        np.add(cost_diag[s, lo:hi], out, out=acc_diag[s, lo:hi])
+    return [np.ascontiguousarray(acc[: c.shape[0] + 1, : c.shape[1] + 1, b]) for b, c in enumerate(costs)]
 
 
 def _dtw_accumulate(cost: np.ndarray, band: Optional[int]) -> np.ndarray:
-    """Accumulated DTW cost, one anti-diagonal at a time (each cell needs only the two previous
-    anti-diagonals), so the Python loop runs n + m - 1 times and every step is a numpy vector op.
-    The arithmetic is the same as the cell-by-cell recursion, so results match it bit for bit."""
-    n, m = cost.shape
-    acc = np.full((n + 1, m + 1), np.inf, dtype=np.float64)
-    acc[0, 0] = 0.0
-    if band is not None:
-        # Sakoe-Chiba band around the straight line from (0, 0) to (n-1, m-1); never narrower than
-        # the line's slope, so every row's allowed cells connect to the next row's.
-        slope = (m - 1) / (n - 1) if n > 1 else 0.0
-        half_width = max(float(band), float(np.ceil(max(slope, 1.0))))
-        centre = np.arange(n, dtype=np.float64)[:, None] * slope
-        cols = np.arange(m)[None, :]
-        cost = np.where(np.abs(cols - centre) <= half_width, cost, np.inf)
-    for d in range(n + m - 1):
-        i = np.arange(max(0, d - m + 1), min(n - 1, d) + 1)
-        j = d - i
-        best_prev = np.minimum(np.minimum(acc[i, j], acc[i, j + 1]), acc[i + 1, j])
-        acc[i + 1, j + 1] = cost[i, j] + best_prev
-    return acc
+    """Accumulated DTW cost of one cost matrix (see `_dtw_accumulate_batch`)."""
+    return _dtw_accumulate_batch([cost], band)[0]
+
+
+@lru_cache(maxsize=1 << 16)
+def _normalized_for_dtw(token: str, kind: str) -> str:
+    """normalize_token(token, kind) memoised: the same few thousand tokens recur in every sequence."""
+    return normalize_token(token, kind)
 
 
 def _empty_alignment(n_src: int, n_tgt: int) -> TokenAlignment:
     return TokenAlignment(n_src, n_tgt, (), (), 0.0 if n_src == n_tgt == 0 else float("inf"))
+
+
+def _check_align_args(substring_weight: float, band: Optional[int]) -> None:
+    if substring_weight < 0:
+        raise ValueError(f"substring_weight must be >= 0, got {substring_weight}.")
+    if band is not None and band < 0:
+        raise ValueError(f"band must be None or >= 0, got {band}.")
 
 
 def align_token_sequences(
@@ -268,20 +347,55 @@ def align_token_sequences(
     n + m - 1 anti-diagonals); a 2048 x 2048 pair takes 32 MiB per matrix. `band` (in target
     positions, optional) restricts the path to a Sakoe-Chiba band around the diagonal, which keeps
     very long sequences from warping pathologically; it does not reduce the memory.
+    Many sequences: `align_token_sequences_batch` gives the same results, faster.
     """
-    if substring_weight < 0:
-        raise ValueError(f"substring_weight must be >= 0, got {substring_weight}.")
-    if band is not None and band < 0:
-        raise ValueError(f"band must be None or >= 0, got {band}.")
-    n, m = len(src_tokens), len(tgt_tokens)
-    if n == 0 or m == 0:
-        return _empty_alignment(n, m)
-    src_strings = [normalize_token(t, src_kind) for t in src_tokens]
-    tgt_strings = [normalize_token(t, tgt_kind) for t in tgt_tokens]
-    cost = token_cost_matrix(src_strings, tgt_strings, substring_weight, workers)
-    acc = _dtw_accumulate(cost, band)
-    path = _backtrack(acc)
-    return TokenAlignment(n, m, tuple(path), _groups_from_path(path), float(acc[n, m]))
+    return align_token_sequences_batch([(src_tokens, tgt_tokens)], src_kind, tgt_kind, substring_weight, band,
+                                       workers)[0]
+
+
+def align_token_sequences_batch(
+    pairs: Sequence[Tuple[Sequence[str], Sequence[str]]],
+    src_kind: str = "auto",
+    tgt_kind: str = "auto",
+    substring_weight: float = 0.1,
+    band: Optional[int] = None,
+    workers: int = 1,
+    max_cells: int = 1 << 22,
+) -> List[TokenAlignment]:
+    """`align_token_sequences` of every (src tokens, tgt tokens) pair, identical results; the DTW
+    recursion runs over batches of pairs together (`_dtw_accumulate_batch`), each batch holding at
+    most about `max_cells` padded cells per work array (float64: 32 MiB at the default)."""
+    _check_align_args(substring_weight, band)
+    results: List[Optional[TokenAlignment]] = [None] * len(pairs)
+    work: List[Tuple[int, np.ndarray]] = []
+    for index, (src_tokens, tgt_tokens) in enumerate(pairs):
+        n, m = len(src_tokens), len(tgt_tokens)
+        if n == 0 or m == 0:
+            results[index] = _empty_alignment(n, m)
+            continue
+        src_strings = [_normalized_for_dtw(t, src_kind) for t in src_tokens]
+        tgt_strings = [_normalized_for_dtw(t, tgt_kind) for t in tgt_tokens]
+        work.append((index, token_cost_matrix(src_strings, tgt_strings, substring_weight, workers)))
+
+    def flush(chunk: List[Tuple[int, np.ndarray]]) -> None:
+        for (index, cost), acc in zip(chunk, _dtw_accumulate_batch([c for _, c in chunk], band)):
+            n, m = cost.shape
+            path = _backtrack(acc)
+            results[index] = TokenAlignment(n, m, tuple(path), _groups_from_path(path), float(acc[n, m]))
+
+    chunk: List[Tuple[int, np.ndarray]] = []
+    n_max = m_max = 0
+    for item in work:
+        n, m = item[1].shape
+        grown_n, grown_m = max(n_max, n), max(m_max, m)
+        if chunk and (len(chunk) + 1) * (grown_n + 1) * (grown_m + 1) > max_cells:
+            flush(chunk)
+            chunk, grown_n, grown_m = [], n, m
+        chunk.append(item)
+        n_max, m_max = grown_n, grown_m
+    if chunk:
+        flush(chunk)
+    return results  # type: ignore[return-value]
 
 
 def _reference_edit_distance(a: str, b: str) -> int:

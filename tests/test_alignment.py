@@ -13,8 +13,10 @@ from data.alignment import (
     _reference_align,
     align_distributions,
     align_token_sequences,
+    align_token_sequences_batch,
     count_one_to_one_pairs,
     normalize_token,
+    token_cost_matrix,
     vocab_map_exact,
     vocab_map_min_ed,
     vocab_map_statistics,
@@ -113,6 +115,35 @@ def test_fast_dtw_agrees_with_reference_on_random_sequences(substring_weight):
         assert fast.groups == slow.groups
         assert fast.cost == slow.cost  # same arithmetic, bit for bit
         _check_path_is_valid(fast)
+
+
+@pytest.mark.parametrize("max_cells", [1 << 22, 300])  # one batch / many small batches
+def test_batched_dtw_equals_reference_for_mixed_lengths(max_cells):
+    rng = random.Random(99)
+    pairs = [(_random_tokens(rng, rng.randint(1, 16)), _random_tokens(rng, rng.randint(1, 16))) for _ in range(30)]
+    pairs[3] = ([], pairs[3][1])  # an empty side inside the batch
+    batch = align_token_sequences_batch(pairs, max_cells=max_cells)
+    assert len(batch) == len(pairs)
+    for (src, tgt), fast in zip(pairs, batch):
+        slow = _reference_align(src, tgt)
+        assert (fast.n_src, fast.n_tgt) == (len(src), len(tgt))
+        assert fast.path == slow.path and fast.groups == slow.groups and fast.cost == slow.cost
+    banded = align_token_sequences_batch(pairs, band=1, max_cells=max_cells)
+    assert [a.path for a in banded] == [align_token_sequences(s, t, band=1).path for s, t in pairs]
+
+
+def test_cost_matrix_matches_the_pairwise_definition():
+    # repeated strings (computed once per distinct pair), empty strings (contained in everything),
+    # containment in both directions, a subsequence that is not a substring ("ac" in "abc")
+    src = ["ab", "", "abc", "ab", "ac", "zz", ""]
+    tgt = ["abc", "b", "", "ab", "xabcx", "abc"]
+    cost = token_cost_matrix(src, tgt, substring_weight=0.1)
+    for i, a in enumerate(src):
+        for j, b in enumerate(tgt):
+            d = levenshtein(a, b)
+            assert cost[i, j] == (d * 0.1 if (a in b or b in a) else d), (a, b)
+    assert cost[4, 0] == 1.0 and cost[1, 0] == pytest.approx(0.3) and cost[2, 4] == pytest.approx(0.2)
+    assert token_cost_matrix([], ["a"]).shape == (0, 1)
 
 
 def test_band_wide_equals_full_and_narrow_stays_valid():

@@ -54,9 +54,13 @@ def test_sce_hand_values():
     # summed sign [+,+]; pos0 both agree: (5*1+13*3)/18 = 22/9; pos1 only d1 agrees -> 2
     out = sce(t(0, 0, 0, 0), [t(1, 2, 0, -1), t(3, -2, 0, 1)], select_topk=0.5)
     assert torch.allclose(out, t(22 / 9, 2, 0, 0))
-    # unselected positions stay at the pivot in both modes
-    out2 = sce(t(5, 5, 5, 5), [t(6, 7, 5, 4), t(8, 3, 5, 6)], select_topk=0.5, masked_final_sum=False)
-    assert torch.allclose(out2[2:], t(5, 5))
+    # the same deltas around a pivot of 5: masked, unselected positions stay at the pivot
+    models = [t(6, 7, 5, 4), t(8, 3, 5, 6)]
+    assert torch.allclose(sce(t(5, 5, 5, 5), models, select_topk=0.5), t(5 + 22 / 9, 7, 5, 5))
+    # unmasked final sum: same weights (from the masked deltas), raw deltas everywhere; pos3 summed
+    # sign 0 -> +, only d2 = +1 agrees -> 6; pos2 all deltas 0 -> pivot
+    out2 = sce(t(5, 5, 5, 5), models, select_topk=0.5, masked_final_sum=False)
+    assert torch.allclose(out2, t(5 + 22 / 9, 7, 5, 6))
 
 
 def test_sce_uniform_fallback_for_tiny_energy():
@@ -103,3 +107,20 @@ def test_streaming_equals_in_memory(tmp_path, method, kw):
     assert set(streamed) == set(mem)
     for k in mem:
         assert torch.equal(streamed[k], mem[k])
+
+
+def test_topk_mask_selection_equals_stable_sort_definition():
+    # _topk_mask selects by threshold (kthvalue) instead of sorting: the kept elements must be those of a
+    # stable descending sort of |x| (lowest flat index wins a tie at the cut-off), ties included
+    from models.merging import _topk_mask
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        x = torch.randint(-3, 4, (n,), generator=g).to(D) if trial % 2 else torch.randn(n, generator=g, dtype=D)
+        for density in (0.0, 0.1, 0.34, 0.5, 0.9, 1.0):
+            k = int(density * n)
+            expect = torch.zeros(n, dtype=torch.bool)
+            expect[torch.sort(x.abs(), descending=True, stable=True).indices[:k]] = True
+            got = _topk_mask(x.view(-1, 1), density).view(-1)
+            assert torch.equal(got, expect) and int(got.sum()) == k
