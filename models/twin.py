@@ -13,6 +13,7 @@ so one batch of differently routed inputs runs in a single pass without rewritin
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -95,7 +96,10 @@ def save_experts(path: str, experts: Sequence[Expert]) -> None:
                 flat[f"{t}/{name}/v"] = value.v.contiguous()
             else:
                 flat[f"{t}/{name}/dense"] = value.contiguous()
-    save_file(flat, path, metadata={"num_experts": str(len(experts))})
+    # tmp + rename: a reader never sees a half-written file
+    tmp = f"{path}.tmp"
+    save_file(flat, tmp, metadata={"num_experts": str(len(experts))})
+    os.replace(tmp, path)
 
 
 def load_experts(path: str) -> list[Expert]:
@@ -143,52 +147,201 @@ def merge_explicit(shared_state: Mapping[str, Tensor], experts: Sequence[Expert]
 
 
 class _Routing:
-    """Per-sample routing weights [B, T] shared by all wrapped modules of one model."""
+    """Per-sample routing weights [B, T] shared by all wrapped modules of one model, plus what the modules
+    derive from them once per routing (not once per module): the active tasks, whether all rows are equal,
+    and per-rank scale matrices."""
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
         self.w: Tensor | None = None
+        self.version = 0
+        self.skip_below = 0.0
+        self.cache_merged = True
+        self._memo: dict = {}
+
+    def set(self, w: Tensor | None, skip_below: float = 0.0, cache_merged: bool = True) -> None:
+        if w is not None and (w.dim() != 2 or w.shape[1] != self.num_experts):
+            raise ValueError(f"routing weights must be [batch, {self.num_experts}], got {tuple(w.shape)}")
+        if skip_below < 0:
+            raise ValueError(f"skip_below must be >= 0, got {skip_below}")
+        if w is not None and skip_below > 0:  # those tasks count as 0 everywhere (norms and biases too)
+            w = w * (w.abs().amax(dim=0, keepdim=True) > skip_below)
+        self.w, self.skip_below, self.cache_merged = w, float(skip_below), bool(cache_merged)
+        self.version += 1
+        self._memo = {}
 
     def get(self, batch: int, like: Tensor) -> Tensor:
         if self.w is None:
             raise RuntimeError("call set_routing_weights(model, w) before the forward pass")
         if self.w.shape != (batch, self.num_experts):
             raise ValueError(f"routing weights {tuple(self.w.shape)} != ({batch}, {self.num_experts})")
-        return self.w.to(like.dtype)
+        key = ("w", like.dtype, like.device)
+        if key not in self._memo:
+            self._memo[key] = self.w.to(device=like.device, dtype=like.dtype)
+        return self._memo[key]
+
+    def active(self) -> Tensor | None:
+        """Bool [T]: tasks with a nonzero weight for some sample (after skip_below); None when all are."""
+        if "active" not in self._memo:
+            act = self.w.abs().amax(dim=0) > 0
+            self._memo["active"] = None if bool(act.all()) else act
+        return self._memo["active"]
+
+    def uniform(self) -> bool:
+        """Every sample has the same routing (then one merged weight serves the whole batch)."""
+        if "uniform" not in self._memo:
+            self._memo["uniform"] = bool(self.cache_merged and (self.w == self.w[:1]).all())
+        return self._memo["uniform"]
 
 
-def _per_rank_weights(w: Tensor, ranks: Sequence[int]) -> Tensor:
-    """[B, T] -> [B, sum r]: each task's weight repeated over its rank columns."""
-    return torch.repeat_interleave(w, torch.tensor(ranks, device=w.device), dim=1)
+def _rank_task(ranks: Sequence[int]) -> Tensor:
+    return torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks, dtype=torch.long))
 
 
-class LowRankExpertLinear(nn.Module):
+class _LowRankPaths(nn.Module):
+    """Shared logic of the wrapped Linear / Embedding: concatenated factors of all experts, the columns of
+    the active tasks for the current routing, and a merged-weight cache for uniform routings."""
+
+    def _init_factors(self, us: Sequence[Tensor], v: Sequence[Tensor], ranks: Sequence[int]) -> None:
+        self.ranks = list(ranks)
+        self.register_buffer("us_cat", torch.cat(list(us), dim=1).contiguous())
+        self.register_buffer("v_cat", torch.cat(list(v), dim=1).contiguous())
+        self.register_buffer("rank_task", _rank_task(ranks), persistent=False)
+        self._cols_memo: tuple = (-1, None)
+        self._merged_memo: tuple = (-1, None)
+
+    def _factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(us, v, rank_task) restricted to the routing's active tasks (memoised per routing)."""
+        act = self.routing.active()
+        if act is None:
+            return self.us_cat, self.v_cat, self.rank_task
+        if self._cols_memo[0] != self.routing.version:
+            keep = act.to(self.rank_task.device)[self.rank_task]
+            self._cols_memo = (self.routing.version,
+                               (self.us_cat[:, keep], self.v_cat[:, keep], self.rank_task[keep]))
+        return self._cols_memo[1]
+
+    def _merged(self, build) -> Tensor:
+        if self._merged_memo[0] != self.routing.version:
+            self._merged_memo = (self.routing.version, build())
+        return self._merged_memo[1]
+
+
+# Sibling linears that the usual transformer blocks feed the SAME input tensor.
+SHARED_INPUT_SIBLINGS = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
+                         ("w1", "w3")]
+
+
+class _InputGroup:
+    """Wrapped sibling linears fed one input tensor (q/k/v, gate/up): the first member called computes the
+    scaled projections of all members with one matmul x @ [V_1 | V_2 | ...]; the others reuse their slice
+    when they get the very same tensor object (checked by identity, for the same routing), else they
+    compute it again (still correct)."""
+
+    def __init__(self, members: Sequence["LowRankExpertLinear"]) -> None:
+        self.members = list(members)
+        self._v: tuple = (-1, None)
+        self._last: tuple = (None, -1, None)
+
+    def scaled_xv(self, member: "LowRankExpertLinear", x: Tensor, w: Tensor) -> Tensor:
+        routing = member.routing
+        if self._v[0] != routing.version:
+            parts = [m._factors() for m in self.members]
+            bounds, start = [], 0
+            for p in parts:
+                bounds.append((start, start + p[1].shape[1]))
+                start += p[1].shape[1]
+            self._v = (routing.version, torch.cat([p[1] for p in parts], dim=1),
+                       torch.cat([p[2] for p in parts]), bounds)
+        _, v_all, rank_task, bounds = self._v
+        if self._last[0] is not x or self._last[1] != routing.version:
+            z = (x @ v_all).view(x.shape[0], -1, v_all.shape[1]) * w[:, rank_task].unsqueeze(1)
+            self._last = (x, routing.version, z)
+        a, e = bounds[self.members.index(member)]
+        return self._last[2][..., a:e]
+
+    def release(self) -> None:
+        self._last = (None, -1, None)
+
+
+class LowRankExpertLinear(_LowRankPaths):
+    """y = W x + b + sum_t w_t[b] (US_t (V_t^T x) + db_t). All experts' factors are concatenated, so a batch
+    needs one narrow matmul x @ V_cat [d_in, sum r], a per-sample per-rank scaling, and one GEMM accumulated
+    into the base output in place (addmm_) - whatever the routing. Tasks routed 0 (or <= skip_below) for the
+    whole batch drop out of both matmuls; a batch whose samples share one routing uses a merged weight W'
+    (built once per routing, cached) and costs what the static model costs."""
+
     def __init__(self, base: nn.Linear, factors: Sequence[LowRank | None], bias_deltas: Sequence[Tensor | None],
                  routing: _Routing) -> None:
         super().__init__()
         self.base, self.routing = base, routing
         dt, out_f, in_f = base.weight.dtype, base.out_features, base.in_features
-        ranks = [f.rank if f is not None else 0 for f in factors]
-        self.ranks = ranks
-        # Concatenate all experts' factors so the batch needs one matmul pair, whatever the routing.
-        self.register_buffer("v_cat", torch.cat([f.v.to(dt) if f is not None else torch.zeros(in_f, 0, dtype=dt)
-                                                 for f in factors], dim=1))
-        self.register_buffer("us_cat", torch.cat([f.us.to(dt) if f is not None else torch.zeros(out_f, 0, dtype=dt)
-                                                  for f in factors], dim=1))
-        self.register_buffer("bias_stack", torch.stack([b.to(dt) if b is not None else torch.zeros(out_f, dtype=dt)
-                                                        for b in bias_deltas]))
+        self._init_factors([f.us.to(dt) if f is not None else torch.zeros(out_f, 0, dtype=dt) for f in factors],
+                           [f.v.to(dt) if f is not None else torch.zeros(in_f, 0, dtype=dt) for f in factors],
+                           [f.rank if f is not None else 0 for f in factors])
+        self.input_group: _InputGroup | None = None
+        self.register_buffer("dense_stack", None, persistent=False)
+        if any(b is not None for b in bias_deltas):
+            self.register_buffer("bias_stack", torch.stack([b.to(dt) if b is not None else
+                                                            torch.zeros(out_f, dtype=dt) for b in bias_deltas]))
+        else:
+            self.bias_stack = None
 
     def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        w = self.routing.get(b, x)
+        if self.routing.uniform():
+            weight, bias = self._merged(lambda: self._merge_row(w[0]))
+            return nn.functional.linear(x, weight, bias)
+        if self.dense_stack is not None and x.dim() >= 2:
+            return self._forward_dense(x, w)
         y = self.base(x)
-        w = self.routing.get(x.shape[0], y)
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-        if self.v_cat.shape[1] > 0:
-            z = (x @ self.v_cat) * _per_rank_weights(w, self.ranks).view(shape)
-            y = y + z @ self.us_cat.T
-        return y + (w @ self.bias_stack).view(shape)
+        us, v, rank_task = self._factors()
+        if v.shape[1] > 0:
+            if self.input_group is not None:
+                z = self.input_group.scaled_xv(self, x, w)
+            else:
+                z = (x @ v).view(b, -1, v.shape[1]) * w[:, rank_task].unsqueeze(1)
+            y2 = y.view(-1, y.shape[-1])
+            y2.addmm_(z.reshape(-1, v.shape[1]), us.T)
+        if self.bias_stack is not None:
+            y = y + (w @ self.bias_stack).view((b,) + (1,) * (x.dim() - 2) + (-1,))
+        return y
+
+    def materialise_dense(self) -> None:
+        """Keep the dense deltas [T, out, in] for the per-sample merged-weight path."""
+        stack = [self.us_cat[:, self.rank_task == t] @ self.v_cat[:, self.rank_task == t].T
+                 for t in range(len(self.ranks))]
+        self.dense_stack = torch.stack(stack)
+
+    def _forward_dense(self, x: Tensor, w: Tensor) -> Tensor:
+        b = x.shape[0]
+        act = self.routing.active()
+        stack = self.dense_stack
+        if act is not None:  # tasks routed 0 for the whole batch cost nothing
+            w, stack = w[:, act], stack[act.to(stack.device)]
+        out_f, in_f = self.base.weight.shape
+        # W_b = W + sum_t w[b, t] D_t for every sample, as one GEMM (K = T) with W broadcast as the addend
+        weights = torch.addmm(self.base.weight.reshape(1, -1), w, stack.reshape(stack.shape[0], -1))
+        weights = weights.view(b, out_f, in_f)
+        x3 = x.reshape(b, -1, x.shape[-1])
+        y = torch.bmm(x3, weights.transpose(1, 2))
+        if self.base.bias is not None:
+            y += self.base.bias
+        if self.bias_stack is not None:
+            y += (w @ self.bias_stack).unsqueeze(1)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def _merge_row(self, w_row: Tensor) -> tuple[Tensor, Tensor | None]:
+        weight = torch.addmm(self.base.weight, self.us_cat * w_row[self.rank_task], self.v_cat.T)
+        bias = self.base.bias
+        if self.bias_stack is not None:
+            db = w_row @ self.bias_stack
+            bias = db if bias is None else bias + db
+        return weight, bias
 
 
-class LowRankExpertEmbedding(nn.Module):
+class LowRankExpertEmbedding(_LowRankPaths):
     def __init__(self, base: nn.Embedding, factors: Sequence[LowRank | Tensor | None], routing: _Routing) -> None:
         super().__init__()
         self.base, self.routing = base, routing
@@ -196,22 +349,29 @@ class LowRankExpertEmbedding(nn.Module):
         for f in factors:
             if f is not None and not isinstance(f, LowRank):
                 raise ValueError("embedding deltas must be LowRank")
-        self.ranks = [f.rank if f is not None else 0 for f in factors]
         n, d = base.weight.shape
-        self.register_buffer("us_cat", torch.cat([f.us.to(dt) if f is not None else torch.zeros(n, 0, dtype=dt)
-                                                  for f in factors], dim=1))
-        self.register_buffer("v_cat", torch.cat([f.v.to(dt) if f is not None else torch.zeros(d, 0, dtype=dt)
-                                                 for f in factors], dim=1))
+        self._init_factors([f.us.to(dt) if f is not None else torch.zeros(n, 0, dtype=dt) for f in factors],
+                           [f.v.to(dt) if f is not None else torch.zeros(d, 0, dtype=dt) for f in factors],
+                           [f.rank if f is not None else 0 for f in factors])
 
     def forward(self, ids: Tensor) -> Tensor:
         e = self.base(ids)
         w = self.routing.get(ids.shape[0], e)
-        z = self.us_cat[ids] * _per_rank_weights(w, self.ranks).view(ids.shape[0], *([1] * (ids.dim() - 1)), -1)
-        return e + z @ self.v_cat.T
+        us, v, rank_task = self._factors()
+        if v.shape[1] == 0:
+            return e
+        if self.routing.uniform():
+            z = us[ids] * w[0, rank_task]
+        else:
+            z = us[ids] * w[:, rank_task].view(ids.shape[0], *([1] * (ids.dim() - 1)), -1)
+        e2 = e.view(-1, e.shape[-1])
+        e2.addmm_(z.view(-1, v.shape[1]), v.T)
+        return e
 
 
 class DenseDeltaNorm(nn.Module):
-    """Norm whose output is linear in its elementwise `weight` (and `bias`): RMSNorm, LayerNorm."""
+    """Norm whose output is linear in its elementwise `weight` (and `bias`): RMSNorm, LayerNorm.
+    norm(x; W + dW, b + db) = unit(x) * (W + dW) + b + db, with unit(x) = norm(x; 1, 0) computed once."""
 
     def __init__(self, base: nn.Module, weight_deltas: Sequence[Tensor | None],
                  bias_deltas: Sequence[Tensor | None], routing: _Routing) -> None:
@@ -220,24 +380,40 @@ class DenseDeltaNorm(nn.Module):
         dt = base.weight.dtype
         zeros = torch.zeros_like(base.weight)
         self.register_buffer("w_stack", torch.stack([d.to(dt) if d is not None else zeros for d in weight_deltas]))
-        self.register_buffer("b_stack", torch.stack([d.to(dt) if d is not None else zeros for d in bias_deltas]))
+        self.has_bias = getattr(base, "bias", None) is not None
+        if any(d is not None for d in bias_deltas):
+            if not self.has_bias:
+                raise ValueError(f"bias delta for a {type(base).__name__} without bias")
+            self.register_buffer("b_stack", torch.stack([d.to(dt) if d is not None else zeros for d in bias_deltas]))
+        else:
+            self.b_stack = None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
-        w = self.routing.get(x.shape[0], y)
+        w = self.routing.get(x.shape[0], x)
         params = {"weight": torch.ones_like(self.base.weight)}
-        if getattr(self.base, "bias", None) is not None:
+        if self.has_bias:
             params["bias"] = torch.zeros_like(self.base.bias)
         unit = torch.func.functional_call(self.base, params, (x,))
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-        return y + unit * (w @ self.w_stack).view(shape) + (w @ self.b_stack).view(shape)
+        gain = self.base.weight + (w @ self.w_stack).view(shape)
+        y = unit * gain
+        if self.has_bias:
+            y = y + self.base.bias
+            if self.b_stack is not None:
+                y = y + (w @ self.b_stack).view(shape)
+        return y
 
 
 def attach_lowrank_experts(model: nn.Module, shared_state: Mapping[str, Tensor],
-                           experts: Sequence[Expert]) -> nn.Module:
+                           experts: Sequence[Expert], dense_deltas: bool = False) -> nn.Module:
     """Load the shared weights into `model` (in place) and wrap every module that has an expert delta.
     Every expert key must be covered by a Linear weight/bias, an Embedding weight, or the weight/bias of
-    an elementwise-affine norm (a module with a 1-D `weight`), else ValueError."""
+    an elementwise-affine norm (a module with a 1-D `weight`), else ValueError.
+
+    dense_deltas=True trades memory for speed on mixed batches: each Linear keeps the T dense products
+    US_t V_t^T (T times its weight, in memory only; the stored experts stay factors) and runs a batch as
+    one batched matmul with per-sample weights W + sum_t w_t[b] D_t (merging costs T/seq_len of the layer's
+    FLOPs instead of the low-rank paths' sum_t r_t (d_in + d_out) / (d_in d_out))."""
     model.load_state_dict(dict(shared_state), strict=False)
     routing = _Routing(len(experts))
     keys = set().union(*[e.keys() for e in experts]) if experts else set()
@@ -256,6 +432,8 @@ def attach_lowrank_experts(model: nn.Module, shared_state: Mapping[str, Tensor],
                     f = compress_exclusive({wk: f}, rank=min(f.shape))[wk]  # dense 2-D given: exact factors
                 factors.append(f)
             wrapped = LowRankExpertLinear(module, factors, [e.get(bk) for e in experts], routing)
+            if dense_deltas:
+                wrapped.materialise_dense()
         elif isinstance(module, nn.Embedding):
             wrapped = LowRankExpertEmbedding(module, [e.get(wk) for e in experts], routing)
         elif isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1:
@@ -273,6 +451,17 @@ def attach_lowrank_experts(model: nn.Module, shared_state: Mapping[str, Tensor],
         parent_name, _, child = mod_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, wrapped)
+    by_name = dict(targets)
+    for mod_name, wrapped in targets:
+        parent_name, _, child = mod_name.rpartition(".")
+        for names in SHARED_INPUT_SIBLINGS:
+            if child == names[0]:
+                sib = [by_name.get(f"{parent_name}.{n}" if parent_name else n) for n in names]
+                sib = [m for m in sib if isinstance(m, LowRankExpertLinear)]
+                if len(sib) > 1 and len({m.base.in_features for m in sib}) == 1:
+                    group = _InputGroup(sib)
+                    for m in sib:
+                        m.input_group = group
     model._twin_routing = routing  # type: ignore[attr-defined]
     return model
 
@@ -282,12 +471,17 @@ def _is_tied_alias(model: nn.Module, key: str, covered: set[str]) -> bool:
     return key in sd and any(sd[c] is sd[key] for c in covered if c in sd)
 
 
-def set_routing_weights(model: nn.Module, w: Tensor | None) -> None:
-    """Per-sample routing weights [B, T] for the next forward passes (None clears them)."""
+def set_routing_weights(model: nn.Module, w: Tensor | None, skip_below: float = 0.0,
+                        cache_merged: bool = True) -> None:
+    """Per-sample routing weights [B, T] for the next forward passes (None clears them).
+    skip_below: a task whose weight is <= skip_below for every sample of the batch is left out of the
+    low-rank paths (0.0: only exact zeros, so results are exact; > 0 trades exactness for speed).
+    cache_merged: when all samples share one routing, merge each weight once (W' = W + sum_t w_t US_t V_t^T,
+    cached until the routing changes) and run the plain layers."""
     routing = getattr(model, "_twin_routing", None)
     if routing is None:
         raise ValueError("model has no attached experts; call attach_lowrank_experts first")
-    routing.w = w
+    routing.set(w, skip_below=skip_below, cache_merged=cache_merged)
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -310,27 +504,57 @@ class TaskRouter(nn.Module):
         return self.net(pooled)
 
 
+def router_features(hidden: Tensor, attention_mask: Tensor | None, prefix_len: int | None = None) -> Tensor:
+    """What the router reads: the mask-aware mean of the last hidden state, or with `prefix_len` (for
+    generation, where the rest of the text does not exist yet) the last hidden state at the last token of
+    the first prefix_len tokens (right padding assumed)."""
+    if prefix_len is None:
+        return mean_pool(hidden, attention_mask)
+    if prefix_len <= 0:
+        raise ValueError(f"prefix_len must be > 0, got {prefix_len}")
+    b, s = hidden.shape[:2]
+    if attention_mask is None:
+        idx = torch.full((b,), min(prefix_len, s) - 1, device=hidden.device)
+    else:
+        idx = (attention_mask.sum(dim=1).clamp(max=prefix_len) - 1).clamp_min(0)
+    return hidden[torch.arange(b, device=hidden.device), idx]
+
+
 class TwinMergedModel(nn.Module):
     """Shared model with attached experts + router: forward routes every sample (softmax of the router on
-    the shared model's pooled hidden state, i.e. all routing weights zero) then runs the routed pass."""
+    the shared model's hidden states, i.e. all routing weights zero) then runs the routed pass.
+    prefix_len: route on the state after the first prefix_len tokens (the router must have been trained on
+    the same features); `generate` routes once on the prompt and keeps that routing for every new token."""
 
-    def __init__(self, model: nn.Module, router: TaskRouter) -> None:
+    def __init__(self, model: nn.Module, router: TaskRouter, prefix_len: int | None = None) -> None:
         super().__init__()
         if getattr(model, "_twin_routing", None) is None:
             raise ValueError("attach_lowrank_experts(model, ...) first")
-        self.model, self.router = model, router
+        self.model, self.router, self.prefix_len = model, router, prefix_len
 
     @torch.no_grad()
     def route(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         n = self.model._twin_routing.num_experts
         p = next(self.model.parameters())
+        if self.prefix_len is not None:  # causal model: the prefix's states do not depend on what follows
+            input_ids = input_ids[:, :self.prefix_len]
+            attention_mask = attention_mask[:, :self.prefix_len] if attention_mask is not None else None
         set_routing_weights(self.model, torch.zeros(input_ids.shape[0], n, dtype=p.dtype, device=p.device))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        pooled = mean_pool(out.hidden_states[-1], attention_mask)
-        return torch.softmax(self.router(pooled.to(next(self.router.parameters()).dtype)), dim=-1)
+        feats = router_features(out.hidden_states[-1], attention_mask, self.prefix_len)
+        return torch.softmax(self.router(feats.to(next(self.router.parameters()).dtype)), dim=-1)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 routing_weights: Tensor | None = None, **kw):
         w = routing_weights if routing_weights is not None else self.route(input_ids, attention_mask)
         set_routing_weights(self.model, w)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw) -> Tensor:
+        """Route once on the prompt, then HF generate with that routing (one weight set per sample; with
+        batch size 1 the merged-weight cache makes every step cost what the static model costs)."""
+        if kw.get("num_beams", 1) != 1 or kw.get("num_return_sequences", 1) != 1:
+            raise ValueError("Twin generate supports num_beams=1 and num_return_sequences=1 only")
+        set_routing_weights(self.model, self.route(input_ids, attention_mask))
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)

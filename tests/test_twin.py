@@ -70,9 +70,10 @@ def test_one_hot_routing_is_shared_plus_that_expert():
         assert torch.allclose(merged[k], shared[k] + dense, atol=1e-12)
 
 
-def test_lowrank_forward_equals_explicit_merge_per_sample():
+@pytest.mark.parametrize("dense_deltas", [False, True])
+def test_lowrank_forward_equals_explicit_merge_per_sample(dense_deltas):
     model, shared, experts = _setup()
-    attach_lowrank_experts(model, shared, experts)
+    attach_lowrank_experts(model, shared, experts, dense_deltas=dense_deltas)
     ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(2))
     w = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.0, 0.1, 0.9]], dtype=D)
     set_routing_weights(model, w)
@@ -84,6 +85,31 @@ def test_lowrank_forward_equals_explicit_merge_per_sample():
         with torch.no_grad():
             single = ref(input_ids=ids[b:b + 1]).logits
         assert torch.allclose(batched[b:b + 1], single, atol=1e-10, rtol=0)
+    # a task routed 0 for the whole batch is dropped from the computation, exactly
+    w0 = torch.tensor([[0.6, 0.0, 0.4], [0.1, 0.0, 0.9], [1.0, 0.0, 0.0]], dtype=D)
+    set_routing_weights(model, w0)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, _explicit_logits(shared, experts, w0, ids),
+                              atol=1e-10, rtol=0)
+
+
+def test_shared_input_group_recomputes_for_a_different_input():
+    model, shared, experts = _setup()
+    attach_lowrank_experts(model, shared, experts)
+    attn = model.get_submodule("model.layers.0.self_attn")
+    assert attn.q_proj.input_group is attn.k_proj.input_group is attn.v_proj.input_group is not None
+    assert attn.o_proj.input_group is None
+    w = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]], dtype=D)
+    set_routing_weights(model, w)
+    g = torch.Generator().manual_seed(5)
+    x1, x2 = torch.randn(2, 4, 32, generator=g, dtype=D), torch.randn(2, 4, 32, generator=g, dtype=D)
+    merged = [merge_explicit(shared, experts, w[b]) for b in range(2)]
+    with torch.no_grad():
+        for name, x in (("q_proj", x1), ("k_proj", x2), ("v_proj", x2), ("q_proj", x1)):
+            got = getattr(attn, name)(x)
+            for b in range(2):
+                ref = x[b] @ merged[b][f"model.layers.0.self_attn.{name}.weight"].T
+                assert torch.allclose(got[b], ref, atol=1e-12)
 
 
 def test_twin_model_routes_and_runs():
@@ -128,3 +154,144 @@ def test_lora_adapter_delta_compresses():
     merged = peft_model.merge_and_unload().state_dict()
     for k, d in deltas.items():
         assert torch.allclose(merged[k], base_sd[k] + d, atol=1e-10)
+
+
+def _saved_finetunes(tmp_path, mode):
+    """A tiny float32 llama saved as the base, and two fine-tunes of it saved the way the recipe's fine-tune
+    stage exports them: full models (save_pretrained) or peft LoRA adapters (adapter safetensors)."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    base = LlamaForCausalLM(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    dirs = []
+    for t in range(2):
+        torch.manual_seed(10 + t)
+        if mode == "full":
+            m = LlamaForCausalLM(cfg)
+            m.load_state_dict({k: v + 0.02 * torch.randn_like(v) for k, v in base.state_dict().items()})
+        else:
+            m = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights=False))
+            m.base_model.model.load_state_dict(base.state_dict(), strict=False)
+        m.save_pretrained(tmp_path / f"ft{t}")
+        dirs.append(tmp_path / f"ft{t}")
+    return tmp_path / "base", dirs, {k: v.clone() for k, v in base.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_recipe_builds_experts_from_full_and_lora_finetunes(tmp_path, mode):
+    import json
+
+    from safetensors.torch import load_file
+
+    from recipes.twin_merging import build_experts, finetuned_state
+    base_dir, ft_dirs, base_sd = _saved_finetunes(tmp_path, mode)
+    loaded = [finetuned_state(mode, base_dir, d) for d in ft_dirs]
+    tuned, keys = [sd for sd, _ in loaded], loaded[0][1]
+    if mode == "lora":  # only the adapted matrices change, by scaling * B @ A
+        assert keys == sorted(f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in "qv")
+        assert all(torch.equal(tuned[0][k], base_sd[k]) for k in base_sd if k not in keys)
+    else:
+        assert keys is None
+    build_experts(tmp_path / "experts", base_sd, tuned, keys, lam=0.3, rank=4 if mode == "lora" else 0.25,
+                  meta={"finetune": mode})
+    shared = load_file(str(tmp_path / "experts/shared.safetensors"))
+    experts = load_experts(str(tmp_path / "experts/experts.safetensors"))
+    meta = json.loads((tmp_path / "experts/experts.json").read_text())
+    assert meta["finetune"] == mode and meta["num_experts"] == 2
+    assert meta["factored_bytes"] < meta["dense_bytes"]
+    for k in base_sd:  # shared = base + 0.3 * sum of deltas
+        assert torch.allclose(shared[k], base_sd[k] + 0.3 * sum(t[k] - base_sd[k] for t in tuned), atol=1e-6)
+    for t, expert in enumerate(experts):
+        assert set(expert) == (set(keys) if keys else set(base_sd))
+        for k, v in expert.items():
+            tau = tuned[t][k] - shared[k]
+            if mode == "lora":  # rank(delta_t - 0.3 (delta_0 + delta_1)) <= 4: the factors are exact
+                assert v.rank == 4 and torch.allclose(shared[k] + v.dense(), tuned[t][k], atol=1e-5)
+            elif tau.dim() == 2:  # Eckart-Young: the error is the energy of the dropped singular values
+                s = torch.linalg.svdvals(tau)
+                err = torch.linalg.matrix_norm(tau - v.dense())
+                assert v.rank == round(0.25 * min(tau.shape))
+                assert abs(err.item() - s[v.rank:].norm().item()) < 1e-4 * max(1.0, s.norm().item())
+            else:
+                assert torch.allclose(v, tau)
+
+
+def _explicit_logits(shared, experts, w, ids):
+    out = []
+    for b in range(ids.shape[0]):
+        ref = tiny_llama()
+        ref.load_state_dict(merge_explicit(shared, experts, w[b]))
+        with torch.no_grad():
+            out.append(ref(input_ids=ids[b:b + 1]).logits)
+    return torch.cat(out)
+
+
+def test_inactive_tasks_are_skipped_exactly_and_skip_below_zeroes_small_weights():
+    model, shared, experts = _setup()
+    attach_lowrank_experts(model, shared, experts)
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(3))
+    # task 1 routed exactly 0 for the whole batch: its paths are dropped, the result stays exact
+    w = torch.tensor([[0.7, 0.0, 0.3], [0.4, 0.0, 0.6]], dtype=D)
+    set_routing_weights(model, w)
+    assert model._twin_routing.active().tolist() == [True, False, True]
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert torch.allclose(got, _explicit_logits(shared, experts, w, ids), atol=1e-10, rtol=0)
+    # skip_below: a task whose weight is <= 0.05 for every sample counts as 0 (the approximation it buys)
+    w2 = torch.tensor([[0.70, 0.05, 0.25], [0.50, 0.02, 0.48]], dtype=D)
+    set_routing_weights(model, w2, skip_below=0.05)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    w2_zeroed = w2.clone()
+    w2_zeroed[:, 1] = 0.0
+    assert torch.allclose(got, _explicit_logits(shared, experts, w2_zeroed, ids), atol=1e-10, rtol=0)
+    assert not torch.allclose(got, _explicit_logits(shared, experts, w2, ids), atol=1e-6)
+
+
+def test_uniform_routing_uses_a_cached_merged_weight_refreshed_on_change():
+    model, shared, experts = _setup()
+    attach_lowrank_experts(model, shared, experts)
+    ids = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(4))
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    for row in ([0.2, 0.5, 0.3], [0.0, 0.0, 1.0]):
+        w = torch.tensor([row] * 3, dtype=D)
+        set_routing_weights(model, w)
+        assert model._twin_routing.uniform()
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+        # the cached weight is exactly the explicitly merged one, for the current routing
+        merged = merge_explicit(shared, experts, w[0])
+        assert torch.allclose(q._merged_memo[1][0], merged["model.layers.0.self_attn.q_proj.weight"], atol=1e-12)
+        assert torch.allclose(got, _explicit_logits(shared, experts, w, ids), atol=1e-10, rtol=0)
+    set_routing_weights(model, torch.tensor([[0.2, 0.5, 0.3]] * 3, dtype=D), cache_merged=False)
+    assert not model._twin_routing.uniform()
+    with pytest.raises(ValueError, match="routing weights"):
+        set_routing_weights(model, torch.ones(3, 2, dtype=D))
+
+
+def test_prefix_routing_reads_only_the_prefix_and_generate_matches_the_merged_model():
+    from models.twin import router_features
+    model, shared, experts = _setup()
+    attach_lowrank_experts(model, shared, experts)
+    torch.manual_seed(0)
+    twin = TwinMergedModel(model, TaskRouter(32, 3).to(D), prefix_len=4)
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 50, (2, 9), generator=g)
+    other = torch.cat([ids[:, :4], torch.randint(0, 50, (2, 5), generator=g)], dim=1)
+    w = twin.route(ids)
+    assert torch.allclose(w, twin.route(other), atol=1e-12)  # same prefix, same routing
+    # hand check of the feature: the hidden state at position 3 (and at the last real token when padded)
+    h = torch.arange(2 * 5 * 3, dtype=D).view(2, 5, 3)
+    assert torch.equal(router_features(h, None, 4), h[:, 3])
+    assert torch.equal(router_features(h, torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]), 4),
+                       torch.stack([h[0, 1], h[1, 3]]))
+    # generation with the prompt's routing = greedy generation of the explicitly merged model
+    prompt = ids[:1, :6]
+    out = twin.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ref = tiny_llama()
+    ref.load_state_dict(merge_explicit(shared, experts, twin.route(prompt)[0]))
+    assert torch.equal(out, ref.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0))
