@@ -1,5 +1,5 @@
-"""trainer.strategy from the recipe: the registry, DeepSpeed configs, atomic directory checkpoints, and (slow)
-ZeRO-2 / ZeRO-3 / FSDP2 with 2 CPU processes: train, save, resume, export, load back, same outputs."""
+"""trainer.strategy from the recipe: the registry, DeepSpeed configs, atomic directory checkpoints, and
+ZeRO-2 / ZeRO-3 / FSDP2 with 2 CPU processes (about 40 s each, in the fast suite): train, save, resume, export, load back, same outputs."""
 import importlib.util
 import os
 import shutil
@@ -80,7 +80,7 @@ def test_directory_checkpoint_replaced_atomically(tmp_path):
     assert checkpoint_step(target) == 5 and (target / "__0_0.distcp").exists()  # the old one, whole
 
 
-# ------------------------------------------------------------------------------- 2 processes (slow)
+# ------------------------------------------------------------------------------- 2 processes
 
 def _cli(module, *args):
     env = dict(os.environ, WANDB_MODE="disabled")
@@ -112,7 +112,6 @@ def ddp_reference(tmp_path_factory, data_cache):
     return run_dir
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("strategy,kind", [
     pytest.param("deepspeed_stage_2", "deepspeed", marks=pytest.mark.skipif(
         not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install --no-build-isolation deepspeed==0.19.8)")),
