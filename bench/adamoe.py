@@ -72,26 +72,38 @@ def _hf_block(hidden: int, inter: int, experts: int, k: int, implementation: str
 
 
 def _compare_with_hf(hidden: int, inter: int, experts: int, k: int, tokens: int, reps: int) -> dict:
-    from models.moe import SparseMoEBlock
+    """Ours with the per-expert loop, ours with grouped_mm, HF eager and HF grouped_mm: same weights, k and
+    input, all four alternated inside every repetition; medians."""
+    from models.moe import SparseMoEBlock, resolve_expert_impl
 
     torch.manual_seed(0)
     hf_eager = _hf_block(hidden, inter, experts, k, "eager")
     hf_grouped = _hf_block(hidden, inter, experts, k, "grouped_mm")
     hf_grouped.load_state_dict(hf_eager.state_dict())
-    ours = SparseMoEBlock.from_hf_block(copy.deepcopy(hf_eager), num_null_experts=0, top_k=k, norm_topk_prob=True)
+    ours = {impl: SparseMoEBlock.from_hf_block(copy.deepcopy(hf_eager), num_null_experts=0, top_k=k,
+                                               norm_topk_prob=True, expert_impl=impl)
+            for impl in ("loop", "grouped_mm")}
     x = torch.randn(tokens // 256, 256, hidden)
     grad = torch.randn_like(x)
     with torch.no_grad():  # same weights, same routing: the outputs must agree before timing means anything
         ref = hf_eager(x)
-        diff = max(float((ours(x) - ref).abs().max()), float((hf_grouped(x) - ref).abs().max()))
+        diff = max(float((block(x) - ref).abs().max()) for block in (*ours.values(), hf_grouped))
     assert diff < 1e-4, f"blocks disagree: max |diff| = {diff}"
-    t = _alternate({"ours": _fwd_bwd(ours, x, grad), "hf_eager": _fwd_bwd(hf_eager, x, grad),
-                    "hf_grouped_mm": _fwd_bwd(hf_grouped, x, grad)}, reps)
-    return {"shape": f"T={tokens} d={hidden} I={inter} E={experts} k={k}", "max_abs_diff": float(f"{diff:.2e}"),
-            "ours_ms": round(1e3 * t["ours"], 2), "hf_eager_ms": round(1e3 * t["hf_eager"], 2),
-            "hf_grouped_mm_ms": round(1e3 * t["hf_grouped_mm"], 2),
-            "speedup_vs_hf_eager": round(t["hf_eager"] / t["ours"], 3),
-            "speedup_vs_hf_grouped_mm": round(t["hf_grouped_mm"] / t["ours"], 3)}
+    assert ours["grouped_mm"].experts.last_impl == "grouped_mm", "the grouped path fell back to the loop"
+    t = _alternate({"ours_loop": _fwd_bwd(ours["loop"], x, grad),
+                    "ours_grouped_mm": _fwd_bwd(ours["grouped_mm"], x, grad),
+                    "hf_eager": _fwd_bwd(hf_eager, x, grad), "hf_grouped_mm": _fwd_bwd(hf_grouped, x, grad)}, reps)
+    auto = resolve_expert_impl("auto", experts, hidden, inter, x.dtype, x.device)
+    out = {"shape": f"T={tokens} d={hidden} I={inter} E={experts} k={k}", "max_abs_diff": float(f"{diff:.2e}"),
+           "reps": reps, **{f"{name}_ms": round(1e3 * sec, 2) for name, sec in t.items()},
+           "auto_picks": auto}
+    for impl in ("loop", "grouped_mm"):
+        for hf in ("hf_eager", "hf_grouped_mm"):
+            out[f"ours_{impl}_vs_{hf}"] = round(t[hf] / t[f"ours_{impl}"], 3)
+    out["grouped_mm_vs_loop"] = round(t["ours_loop"] / t["ours_grouped_mm"], 3)
+    # what a default (expert_impl="auto") block gets, against the faster of the two HF implementations
+    out["ours_auto_vs_best_hf"] = round(min(t["hf_eager"], t["hf_grouped_mm"]) / t[f"ours_{auto}"], 3)
+    return out
 
 
 def _null_block(hidden: int, inter: int, experts: int, nulls: int, k: int):
@@ -142,6 +154,7 @@ def _null_sweep(hidden: int, inter: int, experts: int, nulls: int, k: int, token
         _set_null_bias(block, b)
         loads.append(_true_load(block, x))
     # one block per load, sharing every weight except the null bias: alternate them like the HF comparison
+    # (the block's default expert_impl="auto": the loop for these 8 experts on CPU)
     variants = []
     for b in biases:
         v = copy.deepcopy(block)
@@ -154,12 +167,15 @@ def _null_sweep(hidden: int, inter: int, experts: int, nulls: int, k: int, token
     for load, sec in zip(loads, times):
         rows.append({"true_experts_per_token": round(load, 3), "load_ratio": round(load / loads[0], 3),
                      "ms": round(1e3 * sec, 2), "time_ratio": round(sec / times[0], 3)})
-    return {"shape": f"T={tokens} d={hidden} I={inter} E={experts}+{nulls} null k={k}", "points": rows}
+    return {"shape": f"T={tokens} d={hidden} I={inter} E={experts}+{nulls} null k={k}",
+            "expert_impl": variants[0].experts.last_impl, "points": rows}
 
 
-@register("adamoe_dispatch", "AdaMoE MoE block, forward+backward on CPU: SparseMoEBlock (0 null experts) vs "
+@register("adamoe_dispatch", "AdaMoE MoE block, forward+backward on CPU: SparseMoEBlock (0 null experts; "
+          "expert_impl loop and grouped_mm; auto_picks = what the default expert_impl='auto' runs) vs "
           "transformers' MixtralSparseMoeBlock (eager loop and the default grouped_mm experts) at the same "
-          "weights / k / input, timed alternately, 1 thread (goal >= 1.0, stretch 1.5), at the tiny recipe shape, "
+          "weights / k / input, the four timed alternately (medians), 1 thread (goal >= 1.0, stretch 1.5; "
+          "ours_X_vs_Y = time(Y) / time(ours X), > 1 means ours is faster), at the tiny recipe shape, "
           "a compute-bound shape and a many-small-experts shape (OLMoE-like E=64, k=8); then with 8 true + 16 null "
           "experts, top-4, step time as the true-expert load is forced to 4, 3, 2, 1 per token by a null-gate "
           "bias (ideal: time ratio = load ratio, minus the fixed router/attention-free overhead).")

@@ -15,6 +15,7 @@ from models.moe import (
     load_retrofitted,
     moe_routing_metrics,
     retrofit,
+    resolve_expert_impl,
     router_z_loss,
     trainable_module_names,
 )
@@ -473,3 +474,206 @@ def test_null_gate_trains_under_peft_lora():
     before = [p.detach().clone() for p in null_params]
     torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1).step()
     assert all(not torch.equal(b, p) for b, p in zip(before, null_params))
+
+
+# ------------------------------------------------------------------------------------------------
+# grouped-GEMM expert path (expert_impl): same outputs and gradients as the per-expert loop
+
+
+def forced_routing_pair(dtype=torch.float32, capacity_factor=0.5):
+    """Two blocks with the same weights, expert_impl "loop" and "grouped_mm": 5 true + 3 null experts, top-2,
+    hidden 8 (= E_total, a multiple of 4 as grouped_mm's 16-byte strides need) with an identity router, and
+    an input whose routing (read from its first 8 coordinates) has: true expert 2 never chosen, tokens 0 and
+    1 choosing only null experts, and 7 tokens wanting expert 0 against a capacity of ceil(0.5*12*2/5) = 3."""
+    torch.manual_seed(11)
+    blocks = []
+    for impl in ("loop", "grouped_mm"):
+        cfg = MoEConfig(hidden_size=8, intermediate_size=4, num_experts=5, num_null_experts=3, top_k=2,
+                        capacity_factor=capacity_factor, expert_impl=impl)
+        blocks.append(SparseMoEBlock(cfg).to(dtype))
+    with torch.no_grad():
+        blocks[0].gate.weight.copy_(torch.eye(8)[:5])
+        blocks[0].gate.null_gate.weight.copy_(torch.eye(8)[5:])
+        blocks[0].experts.gate_up_proj.normal_(0, 0.5)
+        blocks[0].experts.down_proj.normal_(0, 0.5)
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    x = torch.randn(12, 8)
+    x[:, 2] = -10.0  # expert 2: no token
+    x[0, 5] = x[0, 6] = x[1, 6] = x[1, 7] = 10.0  # tokens 0 and 1: both slots null
+    x[:, 0] = -10.0
+    x[2:9, 0] = 6.0  # exactly 7 tokens for expert 0, capacity 3
+    return blocks[0], blocks[1], x.to(dtype)
+
+
+def run_with_grads(block, x, grad):
+    block.zero_grad(set_to_none=True)
+    inp = x.detach().clone().requires_grad_(True)
+    out = block(inp)
+    out.backward(grad)
+    return out.detach(), inp.grad, {n: p.grad for n, p in block.named_parameters()}
+
+
+def test_grouped_mm_equals_loop_with_empty_expert_null_tokens_and_drops():
+    loop, grouped, x = forced_routing_pair()
+    grad = torch.randn_like(x)
+    out_l, gx_l, gp_l = run_with_grads(loop, x, grad)
+    out_g, gx_g, gp_g = run_with_grads(grouped, x, grad)
+    assert loop.experts.last_impl == "loop" and grouped.experts.last_impl == "grouped_mm"
+    rec = grouped.last_routing
+    idx, dropped = rec["topk_indices"], rec["dropped"]
+    # the routing has what the test is about
+    assert not (idx == 2).any()
+    assert (idx[:2] >= 5).all()
+    assert int(((idx == 0) & dropped).sum()) == 4 and int(((idx == 0) & ~dropped).sum()) == 3
+    # null-only tokens and tokens whose only true slot was dropped output exactly 0 on both paths
+    zero_rows = [t for t in range(12) if not bool(((idx[t] < 5) & ~dropped[t]).any())]
+    assert zero_rows[:2] == [0, 1] and len(zero_rows) >= 2
+    for out in (out_l, out_g):
+        assert torch.equal(out[zero_rows], torch.zeros(len(zero_rows), 8))
+    # same outputs and gradients (float32: grouped_mm has no float64 kernel)
+    torch.testing.assert_close(out_g, out_l, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx_g, gx_l, rtol=1e-6, atol=1e-6)
+    assert set(gp_g) == set(gp_l)
+    for name in gp_l:
+        torch.testing.assert_close(gp_g[name], gp_l[name], rtol=1e-6, atol=1e-6, msg=name)
+    # the expert with no token gets exactly zero weight gradient, the used ones do not
+    for grads in (gp_l, gp_g):
+        assert torch.equal(grads["experts.gate_up_proj"][2], torch.zeros(8, 8))
+        assert torch.equal(grads["experts.down_proj"][2], torch.zeros(8, 4))
+        assert grads["experts.gate_up_proj"][0].abs().sum() > 0
+    # independent reference: the per-token loop of the test helpers, in float64
+    ref = naive_moe_output(loop.double(), x.double(), idx, rec["topk_weights"].double())
+    torch.testing.assert_close(out_g.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_mm_all_tokens_null_computes_nothing():
+    _, grouped, x = forced_routing_pair(capacity_factor=None)
+    x[:, 5:] = 10.0  # every token picks two null experts
+    inp = x.clone().requires_grad_(True)
+    out = grouped(inp)
+    assert torch.equal(out, torch.zeros_like(x))
+    assert grouped.experts.last_impl is None  # no expert ran
+    # the router still trains (through the logits: here an aux loss); the experts get no gradient at all
+    (out.sum() + collect_moe_aux_losses(torch.nn.Sequential(grouped))["lb"]).backward()
+    assert grouped.gate.null_gate.weight.grad is not None
+    assert grouped.experts.gate_up_proj.grad is None and grouped.experts.down_proj.grad is None
+
+
+def test_grouped_mm_bf16_and_autocast_match_the_loop():
+    torch.manual_seed(2)
+    cfg = dict(hidden_size=16, intermediate_size=24, num_experts=6, num_null_experts=2, top_k=3, init_std=0.3)
+    loop = SparseMoEBlock(MoEConfig(**cfg, expert_impl="loop"))
+    grouped = SparseMoEBlock(MoEConfig(**cfg, expert_impl="grouped_mm"))
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(40, 16)
+    outs, grads = [], []
+    for block in (loop, grouped):  # fp32 weights, bf16 matmuls on both paths
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(x)
+        out.float().square().sum().backward()
+        outs.append(out.float())
+        grads.append(block.experts.gate_up_proj.grad)
+    assert grouped.experts.last_impl == "grouped_mm" and grads[1].dtype == torch.float32
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(grads[1], grads[0], rtol=2e-2, atol=2e-2)
+    loop, grouped, xb = loop.bfloat16(), grouped.bfloat16(), x.bfloat16()
+    g = torch.randn_like(xb)
+    out_l, gx_l, gp_l = run_with_grads(loop, xb, g)
+    out_g, gx_g, gp_g = run_with_grads(grouped, xb, g)
+    assert grouped.experts.last_impl == "grouped_mm"
+    torch.testing.assert_close(out_g, out_l, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(gx_g, gx_l, rtol=2e-2, atol=2e-3)
+    for name in gp_l:
+        torch.testing.assert_close(gp_g[name], gp_l[name], rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_expert_impl_choice_is_a_function_of_the_config():
+    cpu, f32 = torch.device("cpu"), torch.float32
+    # auto: grouped_mm from 64 experts on CPU where grouped_mm can run, the loop otherwise
+    assert resolve_expert_impl("auto", 64, 128, 64, f32, cpu) == "grouped_mm"
+    assert resolve_expert_impl("auto", 128, 128, 172, f32, cpu) == "grouped_mm"
+    assert resolve_expert_impl("auto", 63, 128, 64, f32, cpu) == "loop"
+    assert resolve_expert_impl("auto", 8, 128, 172, f32, cpu) == "loop"
+    assert resolve_expert_impl("auto", 64, 128, 64, torch.float64, cpu) == "loop"  # no float64 kernel
+    assert resolve_expert_impl("auto", 64, 128, 172, torch.bfloat16, cpu) == "loop"  # 172*2 B not 16-aligned
+    assert resolve_expert_impl("auto", 64, 128, 176, torch.bfloat16, cpu) == "grouped_mm"
+    assert resolve_expert_impl("auto", 64, 130, 64, f32, cpu) == "loop"  # 130*4 B not 16-aligned
+    assert resolve_expert_impl("loop", 64, 128, 64, f32, cpu) == "loop"
+    assert resolve_expert_impl("grouped_mm", 2, 128, 64, f32, cpu) == "grouped_mm"
+    # the same answer every time, and through the block built from the config
+    assert {resolve_expert_impl("auto", 64, 16, 8, f32, cpu) for _ in range(5)} == {"grouped_mm"}
+    for experts, expected in ((64, "grouped_mm"), (8, "loop")):
+        block = SparseMoEBlock(MoEConfig(hidden_size=16, intermediate_size=8, num_experts=experts, top_k=8))
+        assert block.config.expert_impl == "auto"
+        for _ in range(2):
+            block(torch.randn(10, 16))
+            assert block.experts.last_impl == expected
+    with pytest.raises(ValueError, match="expert_impl"):
+        MoEConfig(hidden_size=8, intermediate_size=8, num_experts=2, expert_impl="bmm")
+
+
+def test_grouped_mm_falls_back_to_the_loop_in_float64_with_a_warning():
+    block = identity_router_block(2, 2, 2)  # float64
+    block.experts.expert_impl = "grouped_mm"
+    with pytest.warns(UserWarning, match="float64"):
+        out = block(ROUTING_X)
+    assert block.experts.last_impl == "loop"
+    e = math.e
+    expected_b = sum(w * swiglu_reference(ROUTING_X[1], block.experts.gate_up_proj[i], block.experts.down_proj[i])
+                     for i, w in [(1, e**2 / (e + e**2)), (0, e / (e + e**2))])
+    torch.testing.assert_close(out[1], expected_b, rtol=0, atol=1e-12)
+
+
+def test_retrofit_with_grouped_mm_matches_hf_and_trains_the_shared_weights():
+    reference_model = tiny_mixtral()
+    ids = INPUT_IDS
+    out_ref = reference_model(ids, labels=ids)
+    out_ref.loss.backward()
+    model = tiny_mixtral()  # same seed: same weights
+    retrofit(model, num_null_experts=0, expert_impl="grouped_mm")
+    block = model.model.layers[0].mlp
+    assert block.experts.gate_up_proj is model.model.layers[0].mlp.experts.gate_up_proj
+    out = model(ids, labels=ids)
+    assert block.experts.last_impl == "grouped_mm"
+    torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    ref_params = dict(reference_model.named_parameters())
+    for name, p in model.named_parameters():  # same names: the HF expert Parameters get the gradients
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="expert_impl"):
+        retrofit(tiny_mixtral(), num_null_experts=1, expert_impl="fast")
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_grouped_mm_equals_loop_for_other_activations(act):
+    torch.manual_seed(4)
+    cfg = dict(hidden_size=8, intermediate_size=12, num_experts=5, num_null_experts=1, top_k=2, init_std=0.4,
+               hidden_act=act)
+    loop = SparseMoEBlock(MoEConfig(**cfg, expert_impl="loop"))
+    grouped = SparseMoEBlock(MoEConfig(**cfg, expert_impl="grouped_mm"))
+    grouped.load_state_dict(loop.state_dict())
+    x, g = torch.randn(30, 8), torch.randn(30, 8)
+    out_l, gx_l, gp_l = run_with_grads(loop, x, g)
+    out_g, gx_g, gp_g = run_with_grads(grouped, x, g)
+    assert grouped.experts.last_impl == "grouped_mm"
+    torch.testing.assert_close(out_g, out_l, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx_g, gx_l, rtol=1e-6, atol=1e-6)
+    for name in gp_l:
+        torch.testing.assert_close(gp_g[name], gp_l[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_grouped_mm_uses_the_loop_for_weights_not_16_byte_aligned():
+    torch.manual_seed(5)
+    cfg = MoEConfig(hidden_size=8, intermediate_size=4, num_experts=3, top_k=2, expert_impl="grouped_mm")
+    block = SparseMoEBlock(cfg)
+    x = torch.randn(6, 8)
+    reference = block(x)
+    assert block.experts.last_impl == "grouped_mm"
+    experts = block.experts
+    with torch.no_grad():  # the same values, stored one float32 (4 bytes) into a buffer
+        buffer = torch.empty(experts.gate_up_proj.numel() + 1)
+        buffer[1:] = experts.gate_up_proj.reshape(-1)
+        experts.gate_up_proj = torch.nn.Parameter(buffer[1:].view(3, 8, 8))
+    assert experts.gate_up_proj.data_ptr() % 16 != 0
+    torch.testing.assert_close(block(x), reference, rtol=1e-6, atol=1e-6)
+    assert experts.last_impl == "loop"
