@@ -61,6 +61,7 @@ class ModelSpec:
     trust_remote_code: bool = False
     eos_token_id: Optional[int] = None
     pad_token_id: Optional[int] = None
+    dtype: Optional[torch.dtype] = None  # of a `pretrained` model's weights; None: float32
 
 
 # Extra architectures: name -> (build(spec) -> model, load(path, spec) -> model, sizes)
@@ -137,17 +138,21 @@ def load_pretrained(path_or_name: str, spec: Optional[ModelSpec] = None) -> torc
         model_type = json.loads(cfg_file.read_text()).get("model_type")
         if model_type in _EXTRA:
             model = _EXTRA[model_type]["load"](str(p))
+            if spec is not None and spec.dtype is not None:
+                model = model.to(spec.dtype)
         else:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(str(p), use_safetensors=True, trust_remote_code=trust,
-                                                         dtype=torch.float32)
+                                                         dtype=spec.dtype if spec and spec.dtype else torch.float32)
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path_or_name, use_safetensors=True, trust_remote_code=trust)
+        extra = {"dtype": spec.dtype} if spec is not None and spec.dtype is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(path_or_name, use_safetensors=True, trust_remote_code=trust,
+                                                     **extra)
     if spec is not None:
-        emb = model.get_input_embeddings().weight.shape[0] if hasattr(model, "get_input_embeddings") else None
+        emb = full_shape(model.get_input_embeddings().weight)[0] if hasattr(model, "get_input_embeddings") else None
         if emb is not None and emb < spec.vocab_size:
             raise ValueError(
                 f"model.pretrained={path_or_name} has {emb} embedding rows but the tokenizer has "
@@ -156,13 +161,23 @@ def load_pretrained(path_or_name: str, spec: Optional[ModelSpec] = None) -> torc
     return model
 
 
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's whole shape, also when DeepSpeed ZeRO-3 has partitioned it (its data is then empty)."""
+    return getattr(p, "ds_shape", None) or p.shape
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """A parameter's whole number of elements, also when ZeRO-3 has partitioned it (`ds_numel`)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) in seen or (trainable_only and not p.requires_grad):
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += full_numel(p)
     return total
 
 
@@ -171,13 +186,13 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     token actually uses (for MoEs: only k of E experts). Used for MFU on GPUs."""
     cfg = getattr(model, "config", None)
     n = count_parameters(model)
-    emb = model.get_input_embeddings().weight.numel() if hasattr(model, "get_input_embeddings") else 0
+    emb = full_numel(model.get_input_embeddings().weight) if hasattr(model, "get_input_embeddings") else 0
     n -= emb
     layers = getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "num_layers", 0) or 0
     d = getattr(cfg, "hidden_size", 0) or 0
     experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
     k = getattr(cfg, "num_experts_per_tok", None)
     if experts and k:
-        expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+        expert_params = sum(full_numel(p) for name, p in model.named_parameters() if ".experts." in name)
         n -= expert_params * (1 - k / experts)
     return 6.0 * n + 12.0 * layers * d * seq_len

@@ -71,8 +71,75 @@ def _check(c) -> None:
         raise ConfigError(f"adamoe.lora_r must be >= 0, got {c.lora_r}.")
 
 
+def _zero3_partitioned(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+class _OneBlock(torch.nn.Module):
+    """A stand-in model holding one sparse block and the model's config, for `retrofit` of that block alone."""
+
+    def __init__(self, config, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.block = block
+
+
+def _retrofit_partitioned(model: torch.nn.Module, seed: Optional[int] = None, **settings) -> torch.nn.Module:
+    """`retrofit` of a model whose parameters DeepSpeed ZeRO-3 has partitioned (their data is empty until
+    gathered): one sparse block at a time, with only that block's parameters gathered, so no rank ever holds
+    more than one layer's experts whole. The blocks are done in model order under one seeded generator, so
+    the new null gates get exactly the values one `retrofit(model, seed=seed)` call gives. The null gates are
+    ordinary (whole) parameters here; DeepSpeed partitions them, broadcast from rank 0, at deepspeed.initialize."""
+    import deepspeed
+    from models.moe import _hf_sparse_block_classes
+
+    classes = _hf_sparse_block_classes()
+    targets = [name for name, m in model.named_modules() if isinstance(m, classes)]
+    if not targets:  # let retrofit raise its own error (unsupported model, no sparse block)
+        return retrofit(model, seed=seed, **settings)
+    state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        for name in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            block = getattr(parent, child)
+            with deepspeed.zero.GatheredParameters(list(block.parameters()), modifier_rank=None):
+                one = retrofit(_OneBlock(model.config, block), seed=None, **settings)
+            setattr(parent, child, one.block)
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(state)
+    return model
+
+
+def _restore_retrofit_partitioned(model: torch.nn.Module, path) -> torch.nn.Module:
+    """`restore_retrofit` for a ZeRO-3 partitioned model (see `_retrofit_partitioned`)."""
+    from pathlib import Path
+
+    from models.moe import _checkpoint_null_gate_tensors, _null_gates_by_layer
+
+    _retrofit_partitioned(model, **dict(getattr(model.config, CONFIG_KEY)))
+    gates = _null_gates_by_layer(model)
+    if not gates:
+        return model
+    saved = _checkpoint_null_gate_tensors(Path(path))
+    if set(gates) != set(saved):
+        raise ValueError(f"{path}: null gates saved for layers {sorted(saved)} but the model has them in "
+                         f"layers {sorted(gates)}")
+    with torch.no_grad():
+        for layer, gate in gates.items():
+            if tuple(saved[layer].shape) != tuple(gate.weight.shape):
+                raise ValueError(f"{path}: layer {layer} null gate has shape {tuple(saved[layer].shape)}, "
+                                 f"expected {tuple(gate.weight.shape)}")
+            gate.weight.copy_(saved[layer].to(device=gate.weight.device, dtype=gate.weight.dtype))
+    return model
+
+
 def _retrofit_from_config(cfg, model: torch.nn.Module) -> torch.nn.Module:
     c = cfg.adamoe
+    partitioned = _zero3_partitioned(model)
     saved = getattr(getattr(model, "config", None), CONFIG_KEY, None)
     if saved and cfg.model.pretrained:
         # A checkpoint saved after retrofitting: restore its null experts and trained null gates.
@@ -83,9 +150,10 @@ def _retrofit_from_config(cfg, model: torch.nn.Module) -> torch.nn.Module:
                 f"{saved['num_null_experts']}, top_k={saved['top_k']}, but the config asks for "
                 f"num_null_experts={c.num_null_experts}, top_k={c.top_k}: set adamoe.num_null_experts="
                 f"{saved['num_null_experts']} adamoe.top_k={saved['top_k']}, or start from the base checkpoint.")
-        return restore_retrofit(model, cfg.model.pretrained)
+        return (_restore_retrofit_partitioned if partitioned else restore_retrofit)(model, cfg.model.pretrained)
     try:
-        return retrofit(model, num_null_experts=c.num_null_experts, top_k=c.top_k,
+        return (_retrofit_partitioned if partitioned else retrofit)(
+                        model, num_null_experts=c.num_null_experts, top_k=c.top_k,
                         null_gate_init=c.null_gate_init, capacity_factor=c.capacity_factor,
                         lb_null_mode=c.lb_null_mode, lb_reduce=c.lb_reduce, lb_coef=c.lb_coef, z_coef=c.z_coef,
                         seed=c.seed if c.seed is not None else cfg.run.seed)
@@ -136,22 +204,28 @@ class AdaMoEModule(CausalLMModule):
     def __init__(self, model: torch.nn.Module, optim: Dict[str, Any], max_steps: int,
                  domain_names: Optional[List[str]] = None, compile_model: bool = False, lb_coef: float = 1e-2,
                  z_coef: float = 1e-3, lb_null_mode: str = "average", lb_reduce: str = "per_layer_sum",
-                 reference_top_k: Optional[int] = None, log_expert_load: bool = True) -> None:
-        super().__init__(model, optim, max_steps, domain_names, compile_model)
+                 reference_top_k: Optional[int] = None, log_expert_load: bool = True,
+                 model_factory=None) -> None:
+        super().__init__(model, optim, max_steps, domain_names, compile_model, model_factory=model_factory)
+        self.lb_coef, self.z_coef = lb_coef, z_coef
+        self.lb_null_mode, self.lb_reduce = lb_null_mode, lb_reduce
+        self.log_expert_load = log_expert_load
+        self._reference_top_k_setting = reference_top_k
+        self._raw_aux: Dict[str, torch.Tensor] = {}
+        self._val_used: Optional[torch.Tensor] = None
+        self.last_val_routing: Dict[str, float] = {}
+        self.last_train_routing: Dict[str, float] = {}
+        if model is not None:
+            self.on_model_ready(model)
+
+    def on_model_ready(self, model: torch.nn.Module) -> None:
         blocks = moe_blocks(model)
         if not blocks:
             raise ValueError("AdaMoEModule needs a model with SparseMoEBlocks (retrofit it first)")
         self.top_k = blocks[0].top_k
         self.num_null_experts = blocks[0].num_null_experts
         base_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
-        self.reference_top_k = int(reference_top_k or base_k or self.top_k)
-        self.lb_coef, self.z_coef = lb_coef, z_coef
-        self.lb_null_mode, self.lb_reduce = lb_null_mode, lb_reduce
-        self.log_expert_load = log_expert_load
-        self._raw_aux: Dict[str, torch.Tensor] = {}
-        self._val_used: Optional[torch.Tensor] = None
-        self.last_val_routing: Dict[str, float] = {}
-        self.last_train_routing: Dict[str, float] = {}
+        self.reference_top_k = int(self._reference_top_k_setting or base_k or self.top_k)
 
     @staticmethod
     def _mask(batch: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
@@ -218,9 +292,13 @@ class AdaMoEModule(CausalLMModule):
                 "moe/num_null_experts": self.num_null_experts, **shares}
 
 
-def build_module(cfg, model: torch.nn.Module, datamodule) -> AdaMoEModule:
+# build_module accepts model=None plus a model_factory (recipes/train.py builds the model under ZeRO-3 then).
+DEFERRED_MODEL = True
+
+
+def build_module(cfg, model: Optional[torch.nn.Module], datamodule, model_factory=None) -> AdaMoEModule:
     c = cfg.adamoe
     return AdaMoEModule(model, to_dict(cfg.optim), cfg.trainer.max_steps, datamodule.domain_names,
                         compile_model=cfg.model.compile, lb_coef=c.lb_coef, z_coef=c.z_coef,
                         lb_null_mode=c.lb_null_mode, lb_reduce=c.lb_reduce, reference_top_k=c.reference_top_k,
-                        log_expert_load=c.log_expert_load)
+                        log_expert_load=c.log_expert_load, model_factory=model_factory)

@@ -96,6 +96,10 @@ class DeepSpeedOptions:
     stage3_prefetch_bucket_size: float = 5e7  # elements of parameters fetched ahead (stage 3)
     stage3_param_persistence_threshold: float = 1e5  # smaller parameters stay unpartitioned (stage 3)
     process_group_backend: Optional[str] = None  # None: nccl on GPUs, gloo on CPUs
+    # stage 3 + model.pretrained: build the model (load + the recipe's prepare_model) once the processes
+    # exist, under ZeRO-3 partitioning, so no rank ever holds the whole model (recipes/train.py). False: load
+    # it whole in every process first, as for the other strategies.
+    zero3_init: bool = True
 
 
 @dataclass

@@ -7,11 +7,13 @@ summary.json).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+
+from models.factory import count_parameters
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,18 +41,40 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 class CausalLMModule(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, optim: Dict[str, Any], max_steps: int,
-                 domain_names: Optional[List[str]] = None, compile_model: bool = False):
+    """`model` is the causal LM; or None with a `model_factory(trainer) -> model`, called once in `setup`, i.e.
+    in every process after the process group exists (train.py: DeepSpeed ZeRO-3 loading of model.pretrained)."""
+
+    def __init__(self, model: Optional[torch.nn.Module], optim: Dict[str, Any], max_steps: int,
+                 domain_names: Optional[List[str]] = None, compile_model: bool = False,
+                 model_factory: Optional[Callable[[Any], torch.nn.Module]] = None):
         super().__init__()
-        self.model = model
+        if (model is None) == (model_factory is None):
+            raise ValueError("CausalLMModule needs exactly one of model and model_factory")
+        self.model_factory = model_factory
+        self.compile_model = compile_model
         self.optim_cfg = dict(optim)
         self.max_steps = max_steps
         self.domain_names = list(domain_names or [])
         self.tokens_seen = 0
-        self._forward = torch.compile(model) if compile_model else model
         self._val_sums: Optional[torch.Tensor] = None
         self.last_val: Dict[str, float] = {}
         self.last_train_loss: Optional[float] = None
+        self.model: Optional[torch.nn.Module] = None
+        if model is not None:
+            self._set_model(model)
+
+    def _set_model(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._forward = torch.compile(model) if self.compile_model else model
+
+    def on_model_ready(self, model: torch.nn.Module) -> None:
+        """Hook for subclasses' set-up that needs the model: called by `setup` after a model_factory built it
+        (a subclass given the model itself runs its own set-up in __init__)."""
+
+    def setup(self, stage: str) -> None:
+        if self.model is None:
+            self._set_model(self.model_factory(self.trainer))
+            self.on_model_ready(self.model)
 
     # ---------------------------------------------------------------- hooks for recipes
     def model_kwargs(self) -> Dict[str, Any]:
@@ -173,7 +197,7 @@ class CausalLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
         checkpoint["recipe_meta"] = {"model_class": type(self.model).__name__,
-                                     "num_parameters": sum(p.numel() for p in self.model.parameters())}
+                                     "num_parameters": count_parameters(self.model)}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))

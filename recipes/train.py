@@ -2,12 +2,15 @@
 
 A recipe is `recipes/<name>.yaml`, optionally with `recipes/<name>.py` that may define
   - `prepare_model(cfg, model, datamodule) -> model`   (e.g. AdaMoE's retrofit)
-  - `build_module(cfg, model, datamodule) -> CausalLMModule`   (its own losses and metrics)
+  - `build_module(cfg, model, datamodule) -> CausalLMModule`   (its own losses and metrics; with
+    `DEFERRED_MODEL = True` it also takes `model=None, model_factory=f` for DeepSpeed ZeRO-3 loading, see
+    `zero3_deferred_load`)
   - `callbacks(cfg, run_dir) -> list[Callback]`
   - `run(cfg, run_dir) -> dict`   (a staged pipeline that replaces the standard training; returns its summary)
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import secrets
@@ -55,13 +58,14 @@ def build_datamodule(cfg: DictConfig):
     return dm
 
 
-def build_base_model(cfg: DictConfig, dm):
+def build_base_model(cfg: DictConfig, dm, dtype=None):
+    """The model of `model.*`; `dtype` is that of a model.pretrained's weights (None: float32)."""
     from models.factory import ModelSpec, build_model
 
     spec = ModelSpec(arch=cfg.model.arch, size=cfg.model.size, vocab_size=dm.vocab_size,
                      max_seq_len=cfg.data.block_size, overrides=to_dict(cfg.model.overrides),
                      pretrained=cfg.model.pretrained, trust_remote_code=cfg.model.trust_remote_code,
-                     eos_token_id=dm.tokenizer.eos_token_id, pad_token_id=dm.tokenizer.pad_token_id)
+                     eos_token_id=dm.tokenizer.eos_token_id, pad_token_id=dm.tokenizer.pad_token_id, dtype=dtype)
     try:
         return build_model(spec)
     except Exception as e:  # config validation errors of transformers / huggingface_hub come in many types
@@ -203,16 +207,109 @@ def make_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def build_module(cfg: DictConfig, dm, recipe_mod=None):
-    from .lm_module import CausalLMModule
+def pretrained_dtype(cfg: DictConfig):
+    """The dtype to load model.pretrained in for training: the parameters' dtype of a `*-true` precision
+    (bf16-true, 16-true), else float32 (mixed precision keeps float32 weights)."""
+    import torch
 
-    model = build_base_model(cfg, dm)
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(resolve_precision(cfg.trainer.precision))
+
+
+def zero3_deferred_load(cfg: DictConfig, recipe_mod=None) -> bool:
+    """Whether train() builds the model inside each process under DeepSpeed ZeRO-3 partitioning (see
+    `zero3_model_factory`) instead of whole in the launching process: trainer.strategy=deepspeed_stage_3 with
+    model.pretrained and trainer.deepspeed.zero3_init, unless the recipe's own build_module needs the model
+    up front (it declares DEFERRED_MODEL = True when it takes a model_factory) or routing_probe.enabled (its
+    callback reads the whole model at set-up)."""
+    from omegaconf import OmegaConf
+
+    if cfg.trainer.strategy != "deepspeed_stage_3" or not cfg.model.pretrained or not cfg.trainer.deepspeed.zero3_init:
+        return False
+    if recipe_mod is not None and hasattr(recipe_mod, "build_module") and not getattr(recipe_mod, "DEFERRED_MODEL", False):
+        return False
+    return not OmegaConf.select(cfg, "routing_probe.enabled", default=False)
+
+
+def _prepared_model(cfg: DictConfig, dm, recipe_mod=None, dtype=None):
+    model = build_base_model(cfg, dm, dtype=dtype)
     if recipe_mod is not None and hasattr(recipe_mod, "prepare_model"):
         model = recipe_mod.prepare_model(cfg, model, dm)
+    return model
+
+
+def zero3_model_factory(cfg: DictConfig, dm, recipe_mod=None, dtype=None):
+    """`factory(trainer) -> model` for CausalLMModule(model_factory=...): run in every process from the
+    module's `setup`, once DeepSpeed has set up the process group. With an HfDeepSpeedConfig of the strategy's
+    DeepSpeed config alive, transformers' from_pretrained creates the model under `deepspeed.zero.Init` (each
+    rank allocates only its partition of every parameter) and loads the checkpoint into the partitions (rank 0
+    reads it, tensor by tensor, broadcast within GatheredParameters). Then the recipe's prepare_model runs on the
+    partitioned model (outside zero.Init, so the parameters it adds are whole and initialised as usual;
+    deepspeed.initialize partitions them, broadcast from rank 0).
+
+    Not Lightning's `configure_model`: Lightning calls it inside its own zero.Init, which would also partition the
+    recipe's new modules (null gates, LoRA adapters) the moment they are constructed, before their own
+    initialisation (copy of the router rows, lora_B = 0) runs on the then empty tensors."""
+    def factory(trainer):
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        from models.factory import count_parameters
+
+        strategy = trainer.strategy
+        if not getattr(strategy, "zero_stage_3", False):
+            raise RuntimeError(f"the ZeRO-3 model factory needs DeepSpeed ZeRO stage 3, got {type(strategy).__name__}")
+        strategy._init_config_if_needed()  # what its model_sharded_context does first: batch size, precision
+        hf_ds_config = HfDeepSpeedConfig(strategy.config)  # transformers sees ZeRO-3 while this object lives
+        try:
+            model = build_base_model(cfg, dm, dtype=dtype)
+        finally:
+            unset_hf_deepspeed_config()
+            del hf_ds_config
+        if recipe_mod is not None and hasattr(recipe_mod, "prepare_model"):
+            model = recipe_mod.prepare_model(cfg, model, dm)
+        params = {id(p): p for p in model.parameters()}.values()
+        model.zero3_load_stats = stats = {  # plain attribute, for the log line and summary.json
+            "rank": trainer.global_rank, "parameters": count_parameters(model),
+            "partitioned_parameters": sum(int(p.ds_numel) for p in params if hasattr(p, "ds_id")),
+            "local_partition": sum(int(p.ds_tensor.numel()) for p in params if hasattr(p, "ds_id")),
+            "whole_parameters_in_process": sum(p.numel() for p in params if not hasattr(p, "ds_id")),
+            "peak_rss_mb": _peak_rss_mb()}
+        print("zero3_load: " + json.dumps(stats, sort_keys=True), file=sys.stderr, flush=True)
+        return model
+
+    return factory
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+# Set by train() around its build_module call (whose 3-argument form a recipe may swap, see fusechat).
+_BUILDING_FOR_TRAINING = contextvars.ContextVar("building_for_training", default=False)
+
+
+def build_module(cfg: DictConfig, dm, recipe_mod=None, training: Optional[bool] = None):
+    """The LightningModule of a run. For training (train(), or training=True): model.pretrained is loaded in
+    the training precision's dtype, and under DeepSpeed ZeRO-3 the model is built later, in each process
+    (zero3_deferred_load). Otherwise (export, evaluation) the whole model is built here in float32."""
+    from .lm_module import CausalLMModule
+
+    if training is None:
+        training = _BUILDING_FOR_TRAINING.get()
+    dtype = pretrained_dtype(cfg) if training and cfg.model.pretrained else None
+    model, factory = None, None
+    if training and zero3_deferred_load(cfg, recipe_mod):
+        factory = zero3_model_factory(cfg, dm, recipe_mod, dtype)
+    else:
+        model = _prepared_model(cfg, dm, recipe_mod, dtype)
     if recipe_mod is not None and hasattr(recipe_mod, "build_module"):
+        if factory is not None:
+            return recipe_mod.build_module(cfg, None, dm, model_factory=factory)
         return recipe_mod.build_module(cfg, model, dm)
     return CausalLMModule(model, to_dict(cfg.optim), cfg.trainer.max_steps, dm.domain_names,
-                          compile_model=cfg.model.compile)
+                          compile_model=cfg.model.compile, model_factory=factory)
 
 
 def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False) -> Path:
@@ -248,7 +345,11 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     dm = build_datamodule(cfg)
-    module = build_module(cfg, dm, recipe_mod)
+    token = _BUILDING_FOR_TRAINING.set(True)
+    try:
+        module = build_module(cfg, dm, recipe_mod)
+    finally:
+        _BUILDING_FOR_TRAINING.reset(token)
 
     ckpt = newest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
@@ -263,9 +364,20 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
     if wb is not None:
         loggers.append(wb)
 
-    from models.factory import flops_per_token
+    from models.factory import count_parameters, flops_per_token
 
-    throughput = ThroughputMonitor(flops_per_token(module.model, cfg.data.block_size))
+    if module.model is not None:
+        throughput = ThroughputMonitor(flops_per_token(module.model, cfg.data.block_size))
+    else:  # built in each process at set-up (ZeRO-3): count it then (full_numel sees through partitions)
+        throughput = ThroughputMonitor(None)
+        build = module.model_factory
+
+        def build_and_count(trainer):
+            model = build(trainer)
+            throughput.flops_per_token = flops_per_token(model, cfg.data.block_size)
+            return model
+
+        module.model_factory = build_and_count
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
@@ -322,8 +434,10 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False)
             "recipe": cfg.run.name, "run_dir": str(run_dir), "step": trainer.global_step,
             "tokens_seen": module.tokens_seen, "train/loss": module.last_train_loss,
             "wall_time_s": time.time() - t0 + 0.0,
-            "num_parameters": sum(p.numel() for p in module.model.parameters()),
+            "num_parameters": count_parameters(module.model),
         }
+        if hasattr(module.model, "zero3_load_stats"):
+            summary.update({f"zero3_load/{k}": v for k, v in module.model.zero3_load_stats.items() if k != "rank"})
         summary.update({k: v for k, v in module.last_val.items() if not k.startswith("_")})
         summary.update(throughput.summary())
         summary.update(module.summary_metrics())
