@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from models.moe import (CONFIG_KEY, LB_NULL_MODES, LB_REDUCES, NULL_GATE_INITS, collect_moe_aux_losses,
+from models.moe import (CONFIG_KEY, EXPERT_IMPLS, LB_NULL_MODES, LB_REDUCES, NULL_GATE_INITS, collect_moe_aux_losses,
                         moe_blocks, moe_routing_metrics, restore_retrofit, retrofit, trainable_module_names)
 from recipes.config import ConfigError, register_section, to_dict
 from recipes.lm_module import CausalLMModule
@@ -46,6 +46,7 @@ class AdaMoEConfig:
     lb_reduce: str = "per_layer_sum"  # per_layer_sum | concat (HF Mixtral: pool all layers' tokens)
     reference_top_k: Optional[int] = None  # k of the compared top-k model; None: base num_experts_per_tok
     log_expert_load: bool = True  # per-layer per-expert load columns moe/load/l{i}_e{j}
+    expert_impl: str = "auto"  # auto | loop | grouped_mm: how the experts are computed (models.moe.resolve_expert_impl)
     seed: Optional[int] = None  # seed of the null gates' random init (None: run.seed)
     lora_r: int = 0  # > 0: LoRA adapters (peft) on lora_target_modules, base weights frozen
     lora_alpha: float = 16.0
@@ -60,7 +61,8 @@ def _check(c) -> None:
         raise ConfigError(f"adamoe.top_k must be >= 1 or null, got {c.top_k}.")
     for key, value, choices in (("null_gate_init", c.null_gate_init, NULL_GATE_INITS),
                                 ("lb_null_mode", c.lb_null_mode, LB_NULL_MODES),
-                                ("lb_reduce", c.lb_reduce, LB_REDUCES)):
+                                ("lb_reduce", c.lb_reduce, LB_REDUCES),
+                                ("expert_impl", c.expert_impl, EXPERT_IMPLS)):
         if value not in choices:
             raise ConfigError(f"adamoe.{key} must be one of {', '.join(choices)}; got '{value}'.")
     if c.capacity_factor is not None and c.capacity_factor <= 0:
@@ -156,7 +158,7 @@ def _retrofit_from_config(cfg, model: torch.nn.Module) -> torch.nn.Module:
                         model, num_null_experts=c.num_null_experts, top_k=c.top_k,
                         null_gate_init=c.null_gate_init, capacity_factor=c.capacity_factor,
                         lb_null_mode=c.lb_null_mode, lb_reduce=c.lb_reduce, lb_coef=c.lb_coef, z_coef=c.z_coef,
-                        seed=c.seed if c.seed is not None else cfg.run.seed)
+                        seed=c.seed if c.seed is not None else cfg.run.seed, expert_impl=c.expert_impl)
     except ValueError as e:  # unsupported architecture, top_k > experts, ...
         raise ConfigError(f"adamoe: cannot retrofit model.arch={cfg.model.arch}: {e}") from None
 

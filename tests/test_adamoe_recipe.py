@@ -342,3 +342,24 @@ def test_finetune_with_lora_under_zero3_on_two_processes(trained_run):
     run_dir = root / "adamoe_finetune" / "z3"
     assert (run_dir / "train" / "checkpoints").is_dir()
     _check_finetuned_run(run_dir, trained_run["export"])
+
+
+def test_expert_impl_setting_reaches_every_block_and_computes_the_same():
+    import recipes.adamoe as adamoe
+    from models.moe import moe_blocks
+
+    torch.manual_seed(0)
+    model = adamoe.prepare_model(load_config("adamoe", ["adamoe.expert_impl=grouped_mm"]), _tiny_mixtral())
+    blocks = moe_blocks(model)
+    assert blocks and {b.experts.expert_impl for b in blocks} == {"grouped_mm"}
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        grouped = model(ids).logits
+        used = {b.experts.last_impl for b in blocks}
+        for b in blocks:
+            b.experts.expert_impl = "loop"
+        loop = model(ids).logits
+    assert used == {"grouped_mm"} and {b.experts.last_impl for b in blocks} == {"loop"}
+    torch.testing.assert_close(grouped, loop, rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="expert_impl"):
+        adamoe.prepare_model(load_config("adamoe", ["adamoe.expert_impl=fast"]), _tiny_mixtral())
