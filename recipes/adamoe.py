@@ -163,6 +163,19 @@ def _retrofit_from_config(cfg, model: torch.nn.Module) -> torch.nn.Module:
         raise ConfigError(f"adamoe: cannot retrofit model.arch={cfg.model.arch}: {e}") from None
 
 
+def weighted_moe_losses(module, token_mask: Optional[torch.Tensor], lb_null_mode: Optional[str] = None,
+                        lb_reduce: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The MoE terms a module adds to the LM loss: `moe_lb` = lb_coef * load balancing, `moe_z` = z_coef *
+    router z-loss (when z_coef > 0), over the blocks' last forward; the raw values stay in module._raw_aux
+    for the metrics (moe/aux_loss, moe/z_loss)."""
+    aux = collect_moe_aux_losses(module.model, token_mask, lb_null_mode, lb_reduce)
+    module._raw_aux = {k: v.detach() for k, v in aux.items()}
+    losses = {"moe_lb": module.lb_coef * aux["lb"]}
+    if module.z_coef > 0:
+        losses["moe_z"] = module.z_coef * aux["z"]
+    return losses
+
+
 def add_lora(cfg, model: torch.nn.Module) -> torch.nn.Module:
     """peft LoRA on `adamoe.lora_target_modules`; the null gates are `modules_to_save` (fully trained)."""
     from peft import LoraConfig, get_peft_model
@@ -234,12 +247,7 @@ class AdaMoEModule(CausalLMModule):
         return batch.get("attention_mask")
 
     def extra_losses(self, batch, outputs) -> Dict[str, torch.Tensor]:
-        aux = collect_moe_aux_losses(self.model, self._mask(batch), self.lb_null_mode, self.lb_reduce)
-        self._raw_aux = {k: v.detach() for k, v in aux.items()}
-        losses = {"moe_lb": self.lb_coef * aux["lb"]}
-        if self.z_coef > 0:
-            losses["moe_z"] = self.z_coef * aux["z"]
-        return losses
+        return weighted_moe_losses(self, self._mask(batch), self.lb_null_mode, self.lb_reduce)
 
     def extra_metrics(self, batch, outputs) -> Dict[str, float]:
         metrics = moe_routing_metrics(self.model, self._mask(batch))

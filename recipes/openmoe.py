@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from models.moe import collect_moe_aux_losses, moe_blocks, moe_routing_metrics
+from models.moe import moe_blocks, moe_routing_metrics
 from recipes.config import ConfigError, register_section, to_dict
 from recipes.lm_module import CausalLMModule
 
@@ -62,12 +62,9 @@ class OpenMoEModule(CausalLMModule):
         return batch.get("attention_mask")
 
     def extra_losses(self, batch, outputs) -> Dict[str, torch.Tensor]:
-        aux = collect_moe_aux_losses(self.model, self._mask(batch))
-        self._raw_aux = {k: v.detach() for k, v in aux.items()}
-        losses = {"moe_lb": self.lb_coef * aux["lb"]}
-        if self.z_coef > 0:
-            losses["moe_z"] = self.z_coef * aux["z"]
-        return losses
+        from recipes.adamoe import weighted_moe_losses
+
+        return weighted_moe_losses(self, self._mask(batch))
 
     def extra_metrics(self, batch, outputs) -> Dict[str, float]:
         metrics = moe_routing_metrics(self.model, self._mask(batch))
