@@ -14,7 +14,9 @@ from . import BENCHMARKS, DESCRIPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
-MODULES = ["bench." + p.stem for p in sorted((ROOT / "bench").glob("*.py")) if not p.stem.startswith("_")]
+# The engine's benchmarks here, and each method's own next to it (recipes/<method>/bench.py).
+MODULES = (["bench." + p.stem for p in sorted((ROOT / "bench").glob("*.py")) if not p.stem.startswith("_")]
+           + ["recipes." + p.parent.name + ".bench" for p in sorted((ROOT / "recipes").glob("*/bench.py"))])
 
 
 def _load_modules():
@@ -30,25 +32,11 @@ def _load_modules():
 
 
 def write_markdown(results: dict) -> None:
-    lines = ["# Benchmarks", "",
-             "Written by `make bench` from `bench/results.json`; each section gives the date, the machine and the",
-             "command. Ratios are measured side by side in one run (the machines are shared and noisy).", "",
-             "All figures so far are from 2-core CPU machines: no GPU was available to the sessions that wrote",
-             "them, so bf16 steps, real ZeRO-2/3 on GPUs, and GPU throughput / MFU are not measured yet.", ""]
-    for name in sorted(results):
-        r = results[name]
-        lines += [f"## {name}", "", DESCRIPTIONS.get(name, r.get("description", "")), "",
-                  f"- measured: {r['date']} on {r['machine']}", f"- command: `make bench ARGS=\"--only {name}\"`"]
-        if "error" in r:
-            lines.append(f"- FAILED: {r['error']}")
-        else:
-            for k, v in r["figures"].items():
-                lines.append(f"- {k}: {v}")
-        lines.append("")
-    extra = ROOT / "bench" / "NOTES.md"
-    if extra.exists():
-        lines += [extra.read_text()]
-    (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
+    """BENCHMARKS.md from the results (bench/report.py renders it). Descriptions of benchmarks whose module is
+    loaded come from the registry; the others from what results.json stored with their figures."""
+    from .report import render
+
+    (ROOT / "BENCHMARKS.md").write_text(render(results, DESCRIPTIONS))
 
 
 def main() -> int:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -47,9 +46,10 @@ def tiny_throughput() -> dict:
 _PIPELINE = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-from data.datamodule import DataSettings, LMDataModule
+from data.config import DataConfig
+from data.datamodule import LMDataModule
 t = time.time()
-dm = LMDataModule(DataSettings(cache_dir={cache!r}, max_chars_per_domain=0))
+dm = LMDataModule(DataConfig(cache_dir={cache!r}, max_chars_per_domain=0))
 dm.prepare()
 n = 0
 for b in dm.train_dataloader():

@@ -85,7 +85,7 @@ def checkpoint_cost() -> dict:
                   "trainer.stop_at_step=8"], env=env)
             _run([sys.executable, "-m", "bench.distributed", "resume", str(tmp / "tiny" / strategy)], env=env)
             t = json.loads(times.read_text())
-            from recipes.logging_utils import read_metrics
+            from recipes.engine.logs import read_metrics
 
             steps = [r["perf/step_time"] for r in read_metrics(tmp / "tiny" / strategy / "metrics.csv")
                      if r.get("perf/step_time") is not None]

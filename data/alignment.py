@@ -1,4 +1,4 @@
-"""Cross-tokenizer token alignment and distribution mapping for FuseChat (SPEC.md section 4, step 2).
+"""Cross-tokenizer token alignment and distribution mapping for FuseChat (its align stage).
 
 Two models tokenise the same text differently. To distil a source model into the pivot (target)
 model we need, per pivot position, the source's next-token distribution expressed in the pivot's
@@ -16,7 +16,7 @@ vocabulary. Three pieces:
 Edit distances come from rapidfuzz (C++), once per pair of distinct token strings; the DTW
 recursion is numpy, vectorised over anti-diagonals and over a batch of sequences
 (`align_token_sequences_batch`, what the align stage uses: the Python loop runs once per
-anti-diagonal for a whole shard). No compiled code of our own. `_reference_align` is a plain-Python
+anti-diagonal for a whole shard). No compiled code of our own. `reference_align` is a plain-Python
 version of the same computation kept as the benchmark baseline and as an independent check in the
 tests: paths and costs are identical, bit for bit.
 """
@@ -398,7 +398,7 @@ def align_token_sequences_batch(
     return results  # type: ignore[return-value]
 
 
-def _reference_edit_distance(a: str, b: str) -> int:
+def reference_edit_distance(a: str, b: str) -> int:
     """Textbook Levenshtein distance, one row at a time (benchmark baseline)."""
     previous = list(range(len(b) + 1))
     for i, char_a in enumerate(a, start=1):
@@ -409,7 +409,7 @@ def _reference_edit_distance(a: str, b: str) -> int:
     return previous[-1]
 
 
-def _reference_align(
+def reference_align(
     src_tokens: Sequence[str],
     tgt_tokens: Sequence[str],
     src_kind: str = "auto",
@@ -429,7 +429,7 @@ def _reference_align(
     acc[0][0] = 0.0
     for i, a in enumerate(src_strings):
         for j, b in enumerate(tgt_strings):
-            distance = float(_reference_edit_distance(a, b))
+            distance = float(reference_edit_distance(a, b))
             cost = distance * substring_weight if (a in b or b in a) else distance
             acc[i + 1][j + 1] = cost + min(acc[i][j], acc[i][j + 1], acc[i + 1][j])
     i, j = n - 1, m - 1
@@ -473,7 +473,9 @@ def _canonical_forms(vocab: Vocab, kind: str, name: str) -> List[Optional[str]]:
     return [None if t is None else normalize_token(t, kind, keep_space=True) for t in _vocab_as_list(vocab, name)]
 
 
-def vocab_map_exact(src_vocab: Vocab, pivot_vocab: Vocab, src_kind: str = "auto", pivot_kind: str = "auto") -> np.ndarray:
+def vocab_map_exact(
+    src_vocab: Vocab, pivot_vocab: Vocab, src_kind: str = "auto", pivot_kind: str = "auto"
+) -> np.ndarray:
     """EM: source id -> the pivot id whose normalised text (spaces kept, see `normalize_token`)
     is identical, else -1. When several pivot tokens share a text the smallest pivot id wins."""
     src = _canonical_forms(src_vocab, src_kind, "source")

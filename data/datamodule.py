@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -23,39 +22,17 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from .corpus import (DataError, Document, corpus_fingerprint, embedded_documents, files_documents,
-                     hub_documents, split_documents)
+from .config import DataConfig
+from .corpus import (
+    DataError,
+    Document,
+    corpus_fingerprint,
+    embedded_documents,
+    files_documents,
+    hub_documents,
+    split_documents,
+)
 from .tokenizers import EMBEDDED_KINDS, load_or_train_tokenizer
-
-
-@dataclass
-class DataSettings:
-    """The subset of the run config the data side needs (kept separate so data/ never imports recipes/)."""
-
-    source: str = "embedded"
-    domains: tuple = ("pydoc", "stdlib", "licenses")
-    files: tuple = ()
-    text_field: str = "text"
-    hub_name: Optional[str] = None
-    hub_split: str = "train"
-    max_chars_per_domain: int = 1_000_000
-    tokenizer: str = "bpe"
-    vocab_size: int = 4096
-    block_size: int = 128
-    val_fraction: float = 0.05
-    batch_size: int = 16
-    val_batch_size: int = 32
-    num_workers: int = 0
-    cache_dir: str = ".cache"
-    seed: int = 1234
-
-    @classmethod
-    def from_mapping(cls, m: Dict[str, Any], seed: int = 1234) -> "DataSettings":
-        known = {k: v for k, v in m.items() if k in cls.__dataclass_fields__}
-        for k in ("domains", "files"):
-            if k in known:
-                known[k] = tuple(known[k])
-        return cls(seed=seed, **known)
 
 
 class PackedBlocks(Dataset):
@@ -140,9 +117,10 @@ def _dist_info() -> tuple[int, int]:
 
 
 class LMDataModule(L.LightningDataModule):
-    def __init__(self, settings: DataSettings, trust_remote_code: bool = False):
+    def __init__(self, settings: DataConfig, seed: int = 1234, trust_remote_code: bool = False):
         super().__init__()
         self.s = settings
+        self.seed = seed
         self.trust_remote_code = trust_remote_code
         self.tokenizer = None
         self.domain_names: List[str] = []
@@ -260,13 +238,13 @@ class LMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         rank, world = _dist_info()
-        sampler = ShardedBlockSampler(len(self.train_set), rank, world, seed=self.s.seed, shuffle=True)
+        sampler = ShardedBlockSampler(len(self.train_set), rank, world, seed=self.seed, shuffle=True)
         return StatefulDataLoader(self.train_set, batch_size=self.s.batch_size, sampler=sampler,
                                   num_workers=self.s.num_workers, drop_last=True,
                                   persistent_workers=self.s.num_workers > 0)
 
     def val_dataloader(self) -> StatefulDataLoader:
         rank, world = _dist_info()
-        sampler = ShardedBlockSampler(len(self.val_set), rank, world, seed=self.s.seed, shuffle=False)
+        sampler = ShardedBlockSampler(len(self.val_set), rank, world, seed=self.seed, shuffle=False)
         return StatefulDataLoader(self.val_set, batch_size=self.s.val_batch_size, sampler=sampler,
                                   num_workers=self.s.num_workers)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable, List
 
-from .corpus import Document, DataError, corpus_fingerprint
+from .corpus import DataError, Document, corpus_fingerprint
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"

@@ -1,14 +1,24 @@
 """Model construction: named sizes of each architecture, one registry, and `pretrained` loading.
 
 Every builder returns a causal LM with the Hugging Face interface (`model(input_ids=..., labels=...)`
-returning `.loss` and `.logits`, `save_pretrained`, `.config`). Architectures from `transformers` are
-built from small configs; other architectures (TokenFormer) register themselves with `register_arch`.
+returning `.loss` and `.logits`, `save_pretrained`, `.config`). Every architecture is an entry of one
+registry, added with `register_architecture(name, build, sizes, load=None)`:
+
+- the `transformers` architectures (llama, mixtral, qwen2_moe, olmoe) are registered below with
+  `register_transformers_architecture`, built from the small configs in `HF_SIZES`;
+- any other architecture (TokenFormer, OpenMoE) registers itself with one `register_architecture(...)` line
+  in its own module under models/. Those modules are found without a list: on the first lookup every module
+  of the `models` package is imported once (`_discover_architectures`), so a new architecture needs no edit
+  here. A module that fails to import for a missing optional dependency is simply not offered.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
@@ -42,14 +52,6 @@ HF_SIZES: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
 }
 
-_HF_CLASSES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
-}
-
-
 @dataclass
 class ModelSpec:
     arch: str
@@ -64,36 +66,86 @@ class ModelSpec:
     dtype: Optional[torch.dtype] = None  # of a `pretrained` model's weights; None: float32
 
 
-# Extra architectures: name -> (build(spec) -> model, load(path, spec) -> model, sizes)
-_EXTRA: Dict[str, Dict[str, Any]] = {}
+# ---------------------------------------------------------------------------------------------------
+# The architecture registry
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One registered architecture: `build(spec)` makes a fresh model of a named size (`sizes`: size name ->
+    config fields); `load(path)` loads a `save_pretrained` directory whose config.json has
+    "model_type": name, or None when transformers' `AutoModelForCausalLM` loads it."""
+
+    name: str
+    build: Callable[[ModelSpec], torch.nn.Module]
+    sizes: Mapping[str, Dict[str, Any]]
+    load: Optional[Callable[[str], torch.nn.Module]] = None
+
+
+_ARCHITECTURES: Dict[str, Architecture] = {}
+_discovered = False
+
+
+def register_architecture(name: str, build: Callable[[ModelSpec], torch.nn.Module],
+                          sizes: Mapping[str, Dict[str, Any]],
+                          load: Optional[Callable[[str], torch.nn.Module]] = None) -> Architecture:
+    """Make `model.arch=<name> model.size=<size>` build with `build(spec)` and, when `load` is given, a saved
+    directory with "model_type": name load with `load(path)`. Registering a name again replaces it."""
+    entry = Architecture(name=name, build=build, sizes=sizes, load=load)
+    _ARCHITECTURES[name] = entry
+    return entry
 
 
 def register_arch(name: str, build: Callable[[ModelSpec], torch.nn.Module],
                   load: Callable[[str], torch.nn.Module], sizes: Dict[str, Any]) -> None:
-    _EXTRA[name] = {"build": build, "load": load, "sizes": sizes}
+    """The earlier signature of `register_architecture` (load before sizes), kept for existing callers."""
+    register_architecture(name, build, sizes, load=load)
 
 
-def available_archs() -> Dict[str, list]:
-    _import_extras()
-    out = {k: sorted(v) for k, v in HF_SIZES.items()}
-    out.update({k: sorted(v["sizes"]) for k, v in _EXTRA.items()})
-    return out
+def register_transformers_architecture(name: str, config_class: str, model_class: str,
+                                       sizes: Mapping[str, Dict[str, Any]]) -> Architecture:
+    """Register a `transformers` causal LM: `model_class(config_class(**sizes[size], ...))` (class names in
+    the `transformers` namespace, imported when a model is built); saved ones load through
+    `AutoModelForCausalLM`."""
+
+    def build(spec: ModelSpec) -> torch.nn.Module:
+        import transformers
+
+        model_cls = getattr(transformers, model_class)
+        return model_cls(_hf_config(spec, getattr(transformers, config_class), sizes))
+
+    return register_architecture(name, build, sizes)
 
 
-def _import_extras() -> None:
-    # Architectures outside transformers register on import; a missing one is simply not offered.
-    for mod in ("models.tokenformer", "models.openmoe"):
+def _discover_architectures() -> None:
+    # Architectures outside transformers register on import: import every module of this package once
+    # (not this one, not private ones); a module with a missing dependency is simply not offered.
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    package = sys.modules[__package__]
+    for module in pkgutil.iter_modules(package.__path__, prefix=__package__ + "."):
+        if module.name == __name__ or module.name.rpartition(".")[2].startswith("_"):
+            continue
         try:
-            __import__(mod)
+            importlib.import_module(module.name)
         except ImportError:
             pass
 
 
-def _hf_config(spec: ModelSpec):
-    import transformers
+def architecture(name: str) -> Optional[Architecture]:
+    """The registered architecture `name` (after discovering the architectures of models/), or None."""
+    _discover_architectures()
+    return _ARCHITECTURES.get(name)
 
-    cfg_cls = getattr(transformers, _HF_CLASSES[spec.arch][0])
-    sizes = HF_SIZES[spec.arch]
+
+def available_archs() -> Dict[str, list]:
+    _discover_architectures()
+    return {name: sorted(arch.sizes) for name, arch in _ARCHITECTURES.items()}
+
+
+def _hf_config(spec: ModelSpec, cfg_cls: type, sizes: Mapping[str, Dict[str, Any]]):
     if spec.size not in sizes:
         raise ValueError(f"Unknown size '{spec.size}' for model.arch={spec.arch}; known: {', '.join(sorted(sizes))}.")
     fields = dict(sizes[spec.size])
@@ -107,20 +159,24 @@ def _hf_config(spec: ModelSpec):
     return cfg_cls(**fields)
 
 
+register_transformers_architecture("llama", "LlamaConfig", "LlamaForCausalLM", HF_SIZES["llama"])
+register_transformers_architecture("mixtral", "MixtralConfig", "MixtralForCausalLM", HF_SIZES["mixtral"])
+register_transformers_architecture("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM", HF_SIZES["qwen2_moe"])
+register_transformers_architecture("olmoe", "OlmoeConfig", "OlmoeForCausalLM", HF_SIZES["olmoe"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building and loading
+
+
 def build_model(spec: ModelSpec) -> torch.nn.Module:
     """A freshly initialised model, or the weights at `spec.pretrained`."""
     if spec.pretrained:
         return load_pretrained(spec.pretrained, spec)
-    _import_extras()
-    if spec.arch in HF_SIZES:
-        import transformers
-
-        model_cls = getattr(transformers, _HF_CLASSES[spec.arch][1])
-        return model_cls(_hf_config(spec))
-    if spec.arch in _EXTRA:
-        return _EXTRA[spec.arch]["build"](spec)
-    known = sorted(set(HF_SIZES) | set(_EXTRA))
-    raise ValueError(f"Unknown model.arch '{spec.arch}'; known: {', '.join(known)}.")
+    arch = architecture(spec.arch)
+    if arch is None:
+        raise ValueError(f"Unknown model.arch '{spec.arch}'; known: {', '.join(sorted(_ARCHITECTURES))}.")
+    return arch.build(spec)
 
 
 def load_pretrained(path_or_name: str, spec: Optional[ModelSpec] = None) -> torch.nn.Module:
@@ -128,7 +184,7 @@ def load_pretrained(path_or_name: str, spec: Optional[ModelSpec] = None) -> torc
     the saved config, so a TokenFormer directory loads as TokenFormer."""
     import json
 
-    _import_extras()
+    _discover_architectures()
     p = Path(path_or_name).expanduser()
     trust = bool(spec and spec.trust_remote_code)
     if p.exists():
@@ -136,8 +192,9 @@ def load_pretrained(path_or_name: str, spec: Optional[ModelSpec] = None) -> torc
         if not cfg_file.exists():
             raise ValueError(f"model.pretrained={p} has no config.json: is it a save_pretrained directory?")
         model_type = json.loads(cfg_file.read_text()).get("model_type")
-        if model_type in _EXTRA:
-            model = _EXTRA[model_type]["load"](str(p))
+        arch = _ARCHITECTURES.get(model_type)
+        if arch is not None and arch.load is not None:
+            model = arch.load(str(p))
             if spec is not None and spec.dtype is not None:
                 model = model.to(spec.dtype)
         else:

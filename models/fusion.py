@@ -1,4 +1,4 @@
-"""FuseChat fusion functions and the pairwise fusion loss (SPEC.md section 4, steps 3-4).
+"""FuseChat fusion functions and the pairwise fusion loss.
 
 Distributions are stored sparsely as top-k (ids, logits) per position, [B, L, K], padded with
 id -1 / logit -inf. A row's probabilities are softmax(kept logits / T) over its non-pad entries;
@@ -25,7 +25,9 @@ def _valid_entries(target_ids: torch.Tensor, target_logits: torch.Tensor) -> tor
     return (target_ids >= 0) & torch.isfinite(target_logits)
 
 
-def sparse_target_probs(target_ids: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def sparse_target_probs(
+    target_ids: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """softmax(logits / T) over each row's valid entries; 0 on pads and on rows with no entry."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
@@ -49,7 +51,7 @@ def sparse_fusion_ce(
     loss = mean over positions (mask true and target non-empty) of
            -sum_k p_k * log_softmax(student_logits)[id_k],  p = softmax(target_logits / T) over
     the non-pad entries. Only the K stored entries are gathered from the student: the dense
-    B x L x V target distribution is never built. The temperature scales the target only (SPEC:
+    B x L x V target distribution is never built. The temperature scales the target only (the paper's definition:
     target = softmax(kept logits / T)). Returns a 0-dim tensor (0, still in the graph, when no
     position counts).
     """
@@ -57,11 +59,13 @@ def sparse_fusion_ce(
         raise ValueError(f"student_logits must be [B, L, V], got shape {tuple(student_logits.shape)}.")
     if target_ids.shape != target_logits.shape or target_ids.dim() != 3:
         raise ValueError(
-            f"target_ids {tuple(target_ids.shape)} and target_logits {tuple(target_logits.shape)} must both be [B, L, K]."
+            f"target_ids {tuple(target_ids.shape)} and target_logits {tuple(target_logits.shape)} "
+            "must both be [B, L, K]."
         )
     if target_ids.shape[:2] != student_logits.shape[:2]:
         raise ValueError(
-            f"Targets cover {tuple(target_ids.shape[:2])} (B, L) positions but the student has {tuple(student_logits.shape[:2])}."
+            f"Targets cover {tuple(target_ids.shape[:2])} (B, L) positions but the student has "
+            f"{tuple(student_logits.shape[:2])}."
         )
     vocab_size = student_logits.shape[-1]
     if target_ids.numel() and int(target_ids.max()) >= vocab_size:
@@ -90,7 +94,8 @@ def _stack_candidates(candidates: Sequence[Candidate]) -> Tuple[torch.Tensor, to
         raise ValueError(f"Candidates cover different (B, L) positions: {sorted(shapes)}.")
     for c, (ids, logits) in enumerate(candidates):
         if ids.shape != logits.shape or ids.dim() != 3:
-            raise ValueError(f"Candidate {c}: ids {tuple(ids.shape)} and logits {tuple(logits.shape)} must both be [B, L, K].")
+            raise ValueError(f"Candidate {c}: ids {tuple(ids.shape)} and logits {tuple(logits.shape)} "
+                             "must both be [B, L, K].")
     width = max(ids.shape[-1] for ids, _ in candidates)
     dtype = torch.float32  # at least float32; float64 inputs stay float64
     for _, logits in candidates:
@@ -106,7 +111,8 @@ def _stack_candidates(candidates: Sequence[Candidate]) -> Tuple[torch.Tensor, to
 def _stack_ces(ces: Union[torch.Tensor, Sequence[torch.Tensor]], n_candidates: int, batch: int) -> torch.Tensor:
     stacked = ces if isinstance(ces, torch.Tensor) else torch.stack([torch.as_tensor(c) for c in ces])
     if stacked.shape != (n_candidates, batch):
-        raise ValueError(f"ces must be [C, B] = ({n_candidates}, {batch}) (one CE per candidate and sequence), got {tuple(stacked.shape)}.")
+        raise ValueError(f"ces must be [C, B] = ({n_candidates}, {batch}) (one CE per candidate and sequence), "
+                         f"got {tuple(stacked.shape)}.")
     return stacked.float()
 
 

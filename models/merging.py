@@ -5,7 +5,7 @@ safetensors files (streamed so memory stays near one tensor per model).
 Conventions (mergekit 0.1.5 unless stated): every tensor is merged, statistics are per tensor, arithmetic
 is done in float32 (or float64 if the inputs are float64) and cast back to the base dtype.
 
-Top-k on exact ties: `_topk_mask` sorts magnitudes with a STABLE descending sort over the flattened tensor,
+Top-k on exact ties: `topk_mask` sorts magnitudes with a STABLE descending sort over the flattened tensor,
 so among equal magnitudes at the cut-off the elements with the lowest flat index are kept. (torch.topk and
 peft.utils.merge_utils.magnitude_based_pruning leave that order unspecified.)
 """
@@ -55,7 +55,7 @@ def _stack_deltas(base: Tensor, models: Sequence[Tensor]) -> Tensor:
     return torch.stack([task_vector(m, base) for m in models])
 
 
-def _topk_mask(x: Tensor, density: float) -> Tensor:
+def topk_mask(x: Tensor, density: float) -> Tensor:
     """Boolean mask keeping the int(density*numel) largest |x| (stable: lower flat index wins ties)."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
@@ -103,7 +103,7 @@ def ties(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
     divides by the count of agreeing entries only when weights are uniform; `lam` scales the result."""
     deltas = _stack_deltas(base, models)
     w = torch.tensor(_weights(len(models), weights), dtype=deltas.dtype).view(-1, *[1] * base.dim())
-    trimmed = torch.stack([d * _topk_mask(d, density) for d in deltas])
+    trimmed = torch.stack([d * topk_mask(d, density) for d in deltas])
     weighted = trimmed * w
     sign = _elect_sign(weighted)
     # A trimmed (zero) entry has sign 0 so never agrees: it leaves the divisor.
@@ -146,7 +146,7 @@ def sce(pivot: Tensor, models: Sequence[Tensor], select_topk: float = 0.1,
     n = deltas.shape[0]
     # population variance across models (written out: torch.var over a short leading dim is ~10x slower)
     var = (deltas - deltas.mean(dim=0)).square().mean(dim=0) if n > 1 else deltas[0].abs()
-    mask = _topk_mask(var, select_topk)
+    mask = topk_mask(var, select_topk)
     masked = deltas * mask
     energy = (masked ** 2).reshape(n, -1).mean(dim=1)
     if float(energy.sum()) < 1e-6:

@@ -1,4 +1,4 @@
-"""A tiny OpenMoE-style decoder (Xue et al., ICML 2024; SPEC.md section 2).
+"""A tiny OpenMoE-style decoder (Xue et al., ICML 2024).
 
 OpenMoE is an ST-MoE style decoder: a dense Llama-like transformer in which every `moe_every`-th layer's MLP
 is a sparse top-2 mixture of experts with a per-expert capacity (factor 1.25 in training, 2.0 in evaluation),
@@ -17,7 +17,7 @@ Capacity groups (`capacity_group`):
 A dropped assignment contributes nothing (its weight is 0, the other slot is not renormalised); the
 residual connection carries the token on.
 
-On import the architecture registers with `models.factory.register_arch("openmoe", ...)`:
+On import the architecture registers with `models.factory.register_architecture("openmoe", ...)`:
 `model.arch=openmoe model.size=tiny` builds one; `save_pretrained(dir)` writes `model.safetensors` +
 `config.json` ("model_type": "openmoe") and `model.pretrained=<dir>` loads it.
 """
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.factory import register_architecture
 from models.moe import MoEConfig, SparseMoEBlock, moe_blocks
 
 MODEL_TYPE = "openmoe"
@@ -271,10 +272,4 @@ def load_from_directory(path: str) -> OpenMoEForCausalLM:
     return OpenMoEForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def _register() -> None:
-    from models.factory import register_arch
-
-    register_arch(MODEL_TYPE, build_from_spec, load_from_directory, OPENMOE_SIZES)
-
-
-_register()
+register_architecture(MODEL_TYPE, build_from_spec, OPENMOE_SIZES, load=load_from_directory)

@@ -1,6 +1,6 @@
 """TokenFormer: every linear projection replaced by attention over learnable parameter tokens.
 
-Wang et al., 2024 (SPEC.md section 3). Plain PyTorch, one readable file:
+Wang et al., 2024. Plain PyTorch, one readable file:
 
 * `Pattention`: Theta(X K^T) V with n learnable key/value parameter tokens.
 * `TokenFormerConfig` / `TokenFormerForCausalLM`: a decoder-only language model built from Pattention
@@ -8,7 +8,7 @@ Wang et al., 2024 (SPEC.md section 3). Plain PyTorch, one readable file:
   `from_pretrained`).
 * `grow_parameter_tokens`: progressive scaling by appending parameter tokens, optionally exactly
   function-preserving (zero new keys + tau frozen at its pre-growth value).
-* On import the architecture registers with `models.factory.register_arch("tokenformer", ...)`, so
+* On import the architecture registers with `models.factory.register_architecture("tokenformer", ...)`, so
   `model.arch=tokenformer model.size=<name>` builds one in any recipe and `model.pretrained=<dir>` loads a
   saved one (config.json "model_type": "tokenformer").
 
@@ -28,6 +28,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.factory import register_architecture
 
 NormKind = Literal["l2_norm_gelu", "gelu_l2_norm", "softmax"]
 TauMode = Literal["auto", "frozen"]
@@ -263,7 +265,7 @@ class TokenFormerConfig:
         return cls(**values)
 
 
-# Paper sizes (SPEC.md section 3): layers / d / heads / n for Q,K,V,proj / FFN tokens; GPT-NeoX vocabulary
+# Paper sizes: layers / d / heads / n for Q,K,V,proj / FFN tokens; GPT-NeoX vocabulary
 # and 2048 context as in the paper. "tiny" and "small" are CPU test sizes.
 TOKENFORMER_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=64, num_layers=2, hidden_size=32, num_heads=2, qkv_tokens=16, ffn_tokens=64,
@@ -622,10 +624,4 @@ def load_from_directory(path: str) -> TokenFormerForCausalLM:
     return TokenFormerForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def _register() -> None:
-    from models.factory import register_arch
-
-    register_arch(MODEL_TYPE, build_from_spec, load_from_directory, TOKENFORMER_SIZES)
-
-
-_register()
+register_architecture(MODEL_TYPE, build_from_spec, TOKENFORMER_SIZES, load=load_from_directory)

@@ -1,1 +1,7 @@
-"""Recipes: configs, the shared Lightning training path and the command-line entry point."""
+"""Training recipes on PyTorch Lightning: the engine (recipes/engine) and one folder per method.
+
+METHODS lists the method folders; each registers its recipes (recipes.engine.recipe.register) when
+imported. Adding a method = its folder + its name here.
+"""
+
+METHODS = ("adamoe", "openmoe", "tokenformer", "fusechat", "twin_merging")

@@ -1,11 +1,10 @@
-"""Shared test set-up: repository root on sys.path, W&B forced offline, small thread count."""
+"""Shared test set-up: ROOT (the repository root), W&B forced offline, no hub access, small thread count. \
+(The repository root is on
+sys.path through pyproject.toml's pytest `pythonpath`.)"""
 import os
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -16,7 +16,7 @@ import sys
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from recipes.train import deepspeed_strategy, register_strategy
+from recipes.engine.strategies import deepspeed_strategy, register_strategy
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):

@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.config import ConfigError, load_config
+from recipes.engine.config import ConfigError, load_config
+from recipes.engine.recipe import get_recipe
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "arc_tiny.jsonl"
 
 # A 2-layer, 32-wide Mixtral (8 experts, top-2 base) on 32-token blocks: a few steps take seconds.
 SMALL = ["data.block_size=32", "data.batch_size=4", "data.val_batch_size=8", "trainer.val_check_interval=4",
-         "trainer.limit_val_batches=2", "checkpoint.every_n_steps=4", "trainer.log_every_n_steps=1", "model.overrides.hidden_size=32",
+         "trainer.limit_val_batches=2", "checkpoint.every_n_steps=4", "trainer.log_every_n_steps=1",
+         "model.overrides.hidden_size=32",
          "model.overrides.intermediate_size=48", "model.overrides.num_hidden_layers=2",
          "model.overrides.num_attention_heads=4", "model.overrides.num_key_value_heads=2"]
 
@@ -30,8 +32,8 @@ def _base_overrides(root: Path, data_cache: str):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, data_cache):
     """A 4-step `adamoe` run (8 true + 8 null experts, top-4) and its export."""
-    from recipes.export import export
-    from recipes.train import train
+    from recipes.engine.export import export
+    from recipes.engine.loop import train
 
     root = tmp_path_factory.mktemp("adamoe_runs")
     overrides = _base_overrides(root, data_cache) + SMALL + ["trainer.max_steps=4"]
@@ -72,16 +74,15 @@ def test_short_adamoe_run_uses_fewer_true_experts_than_k(trained_run):
 
 
 def _module_for(cfg):
-    import recipes.adamoe as adamoe
-    from recipes.train import build_datamodule, build_module
+    from recipes.engine.build import build_datamodule, build_module
 
     dm = build_datamodule(cfg)
-    return build_module(cfg, dm, adamoe), dm
+    return build_module(cfg, dm, get_recipe("adamoe")), dm
 
 
 def test_export_loads_back_through_model_pretrained(trained_run):
-    from recipes.checkpointing import newest_checkpoint
-    from recipes.export import consolidated_state_dict, model_state_dict
+    from recipes.engine.checkpointing import newest_checkpoint
+    from recipes.engine.export import consolidated_state_dict, model_state_dict
 
     cfg = load_config("adamoe", trained_run["overrides"] + [f"model.pretrained={trained_run['export']}"])
     module, _ = _module_for(cfg)
@@ -108,7 +109,7 @@ def _tiny_mixtral():
 
 
 def test_baseline_settings_keep_the_model_and_bad_settings_are_config_errors():
-    import recipes.adamoe as adamoe
+    import recipes.adamoe.module as adamoe
 
     model = _tiny_mixtral()
     ids = torch.randint(0, 50, (2, 9))
@@ -130,7 +131,7 @@ def test_baseline_settings_keep_the_model_and_bad_settings_are_config_errors():
 
 
 def test_arc_parsing_both_layouts():
-    from recipes.adamoe_finetune import parse_arc_row, read_arc_jsonl
+    from recipes.adamoe.finetune import parse_arc_row, read_arc_jsonl
 
     questions = read_arc_jsonl(str(FIXTURE))
     assert len(questions) == 16
@@ -142,9 +143,10 @@ def test_arc_parsing_both_layouts():
 
 
 def test_scoring_cli_matches_the_in_process_scorer(trained_run, capsys):
-    from models.moe import load_retrofitted
-    from recipes.adamoe_finetune import evaluate_multiple_choice, read_arc_jsonl, score_main
     from transformers import AutoTokenizer
+
+    from models.moe import load_retrofitted
+    from recipes.adamoe.finetune import evaluate_multiple_choice, read_arc_jsonl, score_main
 
     export = trained_run["export"]
     assert score_main(["--model", str(export), "--arc", str(FIXTURE), "--limit", "6", "--device-map", "cpu"]) == 0
@@ -160,9 +162,10 @@ def test_scoring_cli_matches_the_in_process_scorer(trained_run, capsys):
 
 def test_choice_scores_equal_unpadded_reference(trained_run):
     """Batched, right-padded scoring == each choice scored alone with an explicit log-softmax sum."""
-    from models.moe import load_retrofitted
-    from recipes.adamoe_finetune import MCQuestion, choice_logprobs, evaluate_multiple_choice
     from transformers import AutoTokenizer
+
+    from models.moe import load_retrofitted
+    from recipes.adamoe.finetune import MCQuestion, choice_logprobs, evaluate_multiple_choice
 
     model = load_retrofitted(trained_run["export"]).eval()
     tok = AutoTokenizer.from_pretrained(str(trained_run["export"]))
@@ -220,7 +223,7 @@ def _check_finetuned_run(run_dir: Path, pretrained: Path) -> None:
 
 
 def test_finetune_with_lora_on_arc(trained_run):
-    from recipes.train import train
+    from recipes.engine.loop import train
 
     overrides = _finetune_overrides(trained_run)
     run_dir = train(load_config("adamoe_finetune", overrides))
@@ -238,6 +241,7 @@ def _bigram_mixtral(vocab_size: int):
     distribution after token a is softmax(lm_head @ rmsnorm(embed[a])) and the router of every layer sees
     rmsnorm_post(embed[a]): both computable by hand from the weights."""
     from transformers import MixtralConfig, MixtralForCausalLM
+
     from models.moe import retrofit
 
     torch.manual_seed(3)
@@ -262,8 +266,9 @@ def _rmsnorm(x, norm):
 def test_arc_scorer_on_fixture_matches_hand_computed_bigram_scores(trained_run):
     """evaluate_multiple_choice on the fixture == accuracy / acc_norm / true experts per token computed
     by hand from a model whose log-probabilities and routing are closed-form functions of its weights."""
-    from recipes.adamoe_finetune import choice_logprobs, evaluate_multiple_choice, read_arc_jsonl
     from transformers import AutoTokenizer
+
+    from recipes.adamoe.finetune import choice_logprobs, evaluate_multiple_choice, read_arc_jsonl
 
     tok = AutoTokenizer.from_pretrained(str(trained_run["export"]))  # the embedded BPE tokenizer of the runs
     model = _bigram_mixtral(len(tok)).requires_grad_(False)
@@ -309,7 +314,7 @@ def test_arc_scorer_on_fixture_matches_hand_computed_bigram_scores(trained_run):
 
 
 def test_lora_trains_adapters_and_null_gates_only():
-    import recipes.adamoe as adamoe
+    import recipes.adamoe.module as adamoe
 
     cfg = load_config("adamoe", ["adamoe.lora_r=2", "adamoe.null_gate_init=copy"])
     model = adamoe.prepare_model(cfg, _tiny_mixtral())
@@ -345,7 +350,7 @@ def test_finetune_with_lora_under_zero3_on_two_processes(trained_run):
 
 
 def test_expert_impl_setting_reaches_every_block_and_computes_the_same():
-    import recipes.adamoe as adamoe
+    import recipes.adamoe.module as adamoe
     from models.moe import moe_blocks
 
     torch.manual_seed(0)

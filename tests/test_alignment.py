@@ -10,12 +10,12 @@ import pytest
 
 from data.alignment import (
     TokenAlignment,
-    _reference_align,
     align_distributions,
     align_token_sequences,
     align_token_sequences_batch,
     count_one_to_one_pairs,
     normalize_token,
+    reference_align,
     token_cost_matrix,
     vocab_map_exact,
     vocab_map_min_ed,
@@ -110,7 +110,7 @@ def test_fast_dtw_agrees_with_reference_on_random_sequences(substring_weight):
         src = _random_tokens(rng, rng.randint(1, 14))
         tgt = _random_tokens(rng, rng.randint(1, 14))
         fast = align_token_sequences(src, tgt, substring_weight=substring_weight)
-        slow = _reference_align(src, tgt, substring_weight=substring_weight)
+        slow = reference_align(src, tgt, substring_weight=substring_weight)
         assert fast.path == slow.path
         assert fast.groups == slow.groups
         assert fast.cost == slow.cost  # same arithmetic, bit for bit
@@ -125,7 +125,7 @@ def test_batched_dtw_equals_reference_for_mixed_lengths(max_cells):
     batch = align_token_sequences_batch(pairs, max_cells=max_cells)
     assert len(batch) == len(pairs)
     for (src, tgt), fast in zip(pairs, batch):
-        slow = _reference_align(src, tgt)
+        slow = reference_align(src, tgt)
         assert (fast.n_src, fast.n_tgt) == (len(src), len(tgt))
         assert fast.path == slow.path and fast.groups == slow.groups and fast.cost == slow.cost
     banded = align_token_sequences_batch(pairs, band=1, max_cells=max_cells)
@@ -222,7 +222,9 @@ def test_vocab_map_statistics_rule():
     assert got.tolist() == [1, 3, 1, 4]
     assert vocab_map_statistics(corpus, src, pivot, "plain", "plain", fallback="none").tolist() == [1, 3, -1, -1]
     # min_count drops the rarer pairs: "zz" only has a count-5 pair left; "ab" has 3 -> "abc".
-    assert vocab_map_statistics(corpus, src, pivot, "plain", "plain", min_count=3, fallback="none").tolist() == [0, 3, -1, -1]
+    assert vocab_map_statistics(
+        corpus, src, pivot, "plain", "plain", min_count=3, fallback="none"
+    ).tolist() == [0, 3, -1, -1]
     with pytest.raises(ValueError, match="fallback"):
         vocab_map_statistics(corpus, src, pivot, fallback="random")
 
@@ -294,6 +296,7 @@ def _stripped_spans(strings):
 
 def test_real_bpe_and_unigram_tokenizers_align_common_words():
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     names = sorted(topics)
@@ -322,7 +325,8 @@ def test_real_bpe_and_unigram_tokenizers_align_common_words():
     pivot_at = {span: i for i, span in enumerate(_stripped_spans(pivot_strings))}
     src_at = {span: i for i, span in enumerate(_stripped_spans(src_strings))}
     stripped_offset = np.cumsum([0] + [ch != " " for ch in text])
-    words = [(int(stripped_offset[m.start()]), int(stripped_offset[m.end()])) for m in re.finditer(r"[A-Za-z]{2,}", text)]
+    words = [(int(stripped_offset[m.start()]), int(stripped_offset[m.end()]))
+             for m in re.finditer(r"[A-Za-z]{2,}", text)]
     common = [w for w in words if w in pivot_at and w in src_at]
     assert len(common) >= 30
     matched = set(alignment.one_to_one_pairs())

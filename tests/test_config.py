@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from recipes.config import ConfigError, available_recipes, load_config, parse_overrides
+from recipes.engine.config import ConfigError, available_recipes, load_config, parse_overrides
 from tests.conftest import ROOT
 
 

@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
+from data.config import DataConfig
 from data.corpus import DataError, Document, embedded_documents, file_documents, split_documents
-from data.datamodule import DataSettings, LMDataModule, ShardedBlockSampler, pack_sequences, shard_indices
+from data.datamodule import LMDataModule, ShardedBlockSampler, pack_sequences, shard_indices
 from data.tokenizers import train_tokenizer
 
 
@@ -83,7 +84,7 @@ def test_local_files_and_block_size_error(tmp_path, data_cache):
     para = "The quick brown fox jumps over the lazy dog. " * 5
     (tmp_path / "a.txt").write_text("\n\n".join(f"{i} {para}" for i in range(30)))
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"{i} {para}"}) for i in range(30)))
-    s = DataSettings(source="files", files=(str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")), vocab_size=300,
+    s = DataConfig(source="files", files=(str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")), vocab_size=300,
                      block_size=32, cache_dir=str(tmp_path / "c"), batch_size=4)
     dm = LMDataModule(s)
     dm.prepare()
@@ -91,14 +92,14 @@ def test_local_files_and_block_size_error(tmp_path, data_cache):
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (4, 32)
     assert set(np.unique(dm.train_set.domains)) == {0, 1}
-    big = DataSettings(source="files", files=(str(tmp_path / "a.txt"),), vocab_size=300, block_size=100000,
+    big = DataConfig(source="files", files=(str(tmp_path / "a.txt"),), vocab_size=300, block_size=100000,
                        cache_dir=str(tmp_path / "c"))
     with pytest.raises(DataError, match="data.block_size=100000 is larger than"):
         LMDataModule(big).prepare()
 
 
 def test_datamodule_loader_state_resumes(data_cache):
-    dm = LMDataModule(DataSettings(cache_dir=data_cache, max_chars_per_domain=200000, batch_size=4))
+    dm = LMDataModule(DataConfig(cache_dir=data_cache, max_chars_per_domain=200000, batch_size=4))
     dm.prepare()
     dl = dm.train_dataloader()
     it = iter(dl)

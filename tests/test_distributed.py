@@ -1,9 +1,7 @@
-"""DDP on CPU, SIGUSR1 preemption under (hand-set) SLURM, kill -9 at random points, atomic checkpoints."""
+"""DDP on CPU, kill -9 at random points, atomic checkpoints (signals: tests/test_signals.py)."""
 import json
 import os
 import random
-import signal
-import stat
 import subprocess
 import sys
 import time
@@ -12,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.checkpointing import AtomicCheckpointIO, checkpoint_step, newest_checkpoint
-from recipes.logging_utils import read_metrics
+from recipes.engine.checkpointing import AtomicCheckpointIO, checkpoint_step, newest_checkpoint
+from recipes.engine.logs import read_metrics
 from tests.conftest import ROOT
 
 
@@ -53,44 +51,6 @@ def test_ddp_two_processes_trains_and_resumes(tmp_path, data_cache):
     _assert_same_curve(_train_losses(tmp_path / "tiny" / "straight"), _train_losses(cut), 8)
     s = json.loads((cut / "summary.json").read_text())
     assert s["step"] == 8 and s["tokens_seen"] == 8 * 2 * 8 * 128  # steps * ranks * batch * block
-
-
-def test_slurm_sigusr1_checkpoints_requeues_and_resumes_exactly(tmp_path, data_cache):
-    steps = 30
-    r = _cli("train", "tiny", *_common(tmp_path, data_cache, steps), "run.run_id=straight")
-    assert r.returncode == 0, r.stderr[-3000:]
-    # a stand-in scontrol first on PATH records the requeue request
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    log = tmp_path / "scontrol.log"
-    (bindir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
-    (bindir / "scontrol").chmod(0o755)
-    slurm = {"PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "recipes",
-             "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-             "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1"}
-    env = dict(os.environ, WANDB_MODE="disabled", **slurm)
-    args = _common(tmp_path, data_cache, steps) + ["checkpoint.every_n_steps=5"]
-    proc = subprocess.Popen([sys.executable, "-m", "recipes", "train", "tiny", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_dir = tmp_path / "tiny" / "slurm-4242"
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / "last.ckpt").exists():  # after step 5
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    hpc = list(run_dir.glob("hpc_ckpt_*.ckpt"))
-    assert len(hpc) == 1
-    k = checkpoint_step(hpc[0])
-    assert 5 <= k < steps
-    assert log.read_text().split() == ["requeue", "4242"]
-    assert newest_checkpoint(run_dir)[0] == hpc[0]  # newer than last.ckpt (step 5 or 10 ...)
-    # the requeued segment: same job id, `resume` picks the hpc checkpoint
-    r = subprocess.run([sys.executable, "-m", "recipes", "resume", str(run_dir)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    _assert_same_curve(_train_losses(tmp_path / "tiny" / "straight"), _train_losses(run_dir), steps)
 
 
 def test_atomic_checkpoint_survives_failed_write(tmp_path, monkeypatch):
@@ -141,8 +101,8 @@ def test_kill9_at_random_points_always_resumes(tmp_path, data_cache, seed):
 
 
 def test_run_id_is_shared_with_ddp_children_only(tmp_path, monkeypatch):
-    from recipes.config import load_config
-    from recipes.train import make_run_dir
+    from recipes.engine.config import load_config
+    from recipes.engine.runs import make_run_dir
 
     monkeypatch.delenv("LM_RECIPES_RUN_ID", raising=False)
     monkeypatch.setenv("LOCAL_RANK", "0")  # the launching process (Lightning sets 0 there)

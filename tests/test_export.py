@@ -4,11 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.checkpointing import checkpoint_kind, list_checkpoints, newest_checkpoint
-from recipes.config import load_config
-from recipes.export import main as export_main
-from recipes.export import model_state_dict
-from recipes.train import build_base_model, build_datamodule, train
+from recipes.engine.build import build_base_model, build_datamodule
+from recipes.engine.checkpointing import checkpoint_kind, list_checkpoints, newest_checkpoint
+from recipes.engine.config import load_config
+from recipes.engine.export import main as export_main
+from recipes.engine.export import model_state_dict
+from recipes.engine.loop import train
 
 
 @pytest.fixture(scope="module")

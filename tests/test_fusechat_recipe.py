@@ -1,4 +1,4 @@
-"""FuseChat recipe (recipes/fusechat.py): a cut `represent` resumes without recomputing finished shards,
+"""FuseChat recipe (recipes/fusechat/): a cut `represent` resumes without recomputing finished shards,
 the stored representations and aligned distributions are what they claim, and the tiny pipeline runs end
 to end into a merged model that `model.pretrained=` loads and that generates.
 
@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import recipes.fusechat as fusechat
-from recipes.config import load_config
+from recipes.engine.config import load_config
+from recipes.engine.runs import load_safetensors
+from recipes.fusechat import represent
 
 
 def _save_model(out: Path, kind: str, vocab_size: int, seed: int) -> Path:
@@ -50,7 +52,8 @@ def tiny_models(tmp_path_factory):
 
 
 def _overrides(tiny_overrides, models, extra=()):
-    sources = ", ".join(f"{{name: {n}, tokenizer: null, steps: 0, pretrained: '{models[n]}'}}" for n in ("code", "legal"))
+    sources = ", ".join(f"{{name: {n}, tokenizer: null, steps: 0, pretrained: '{models[n]}'}}"
+                        for n in ("code", "legal"))
     return tiny_overrides + [
         f"fusechat.pivot.pretrained={models['pivot']}", "fusechat.pivot.steps=0", "fusechat.pivot.tokenizer=null",
         f"fusechat.sources=[{sources}]", "data.block_size=32", "data.batch_size=4", "fusechat.num_blocks=20",
@@ -65,7 +68,7 @@ def _mtimes(paths):
 def test_cut_represent_resumes_without_recomputing_finished_shards(tiny_overrides, tiny_models, tmp_path, monkeypatch):
     cfg = load_config("fusechat", _overrides(tiny_overrides, tiny_models))
     run_dir = tmp_path / "fc"
-    real = fusechat.topk_representation
+    real = represent.topk_representation
     calls = {"n": 0, "blocks": 0}
 
     def crashing(model, sequences, *args, **kw):
@@ -75,28 +78,28 @@ def test_cut_represent_resumes_without_recomputing_finished_shards(tiny_override
             raise KeyboardInterrupt("cut")
         return real(model, sequences, *args, **kw)
 
-    monkeypatch.setattr(fusechat, "topk_representation", crashing)
+    monkeypatch.setattr(represent, "topk_representation", crashing)
     with pytest.raises(KeyboardInterrupt):
         fusechat.run_stages(cfg, run_dir, ["represent"])
     pivot_dir = run_dir / "represent" / "pivot"
     done = sorted(pivot_dir.glob("shard-*.safetensors"))
     assert [p.name for p in done] == ["shard-00000.safetensors", "shard-00001.safetensors"]
     before = _mtimes(done)
-    first = {p: fusechat._load_shard(p) for p in done}
+    first = {p: load_safetensors(p) for p in done}
 
     def counting(model, sequences, *args, **kw):
         calls["blocks"] += len(sequences)
         return real(model, sequences, *args, **kw)
 
     calls.update(n=0, blocks=0)
-    monkeypatch.setattr(fusechat, "topk_representation", counting)
+    monkeypatch.setattr(represent, "topk_representation", counting)
     stats = fusechat.run_stages(cfg, run_dir, ["represent"])["represent"]
     # only the unfinished pivot shard (4 blocks) and both sources (20 blocks each) were computed
     assert stats["pivot"]["shards_computed"] == 1 and stats["code"]["shards_computed"] == 3
     assert calls["blocks"] == 4 + 20 + 20
     assert _mtimes(done) == before
     for p, tensors in first.items():
-        again = fusechat._load_shard(p)
+        again = load_safetensors(p)
         assert all(torch.equal(tensors[k], again[k]) for k in tensors)
     assert not list(run_dir.rglob("*.tmp*"))
 
@@ -106,6 +109,25 @@ def test_cut_represent_resumes_without_recomputing_finished_shards(tiny_override
     assert calls["blocks"] == 0 and all(stats[n]["shards_computed"] == 0 for n in ("pivot", "code", "legal"))
 
 
+
+def test_fuse_command_continues_a_run_with_its_saved_settings(tiny_overrides, tiny_models, tmp_path):
+    from recipes.engine.runs import load_run_config
+
+    assert fusechat.main(["--stage", "represent", *_overrides(tiny_overrides, tiny_models), "run.run_id=cli"]) == 0
+    run_dir = tmp_path / "runs" / "fusechat" / "cli"
+    assert (run_dir / "stages" / "represent.json").exists() and not (run_dir / "align").exists()
+    # the next stage needs only the run directory: its config.yaml holds the settings
+    assert fusechat.main(["--stage", "align", "--run-dir", str(run_dir)]) == 0
+    assert (run_dir / "align" / "code" / "dist-00002.safetensors").exists()
+    assert (run_dir / "align" / "code" / "vocab_map-min_ed.npy").exists()
+    # an override on top of the saved settings runs the stage again, without the outputs of the old value
+    assert fusechat.main(["--stage", "align", "--run-dir", str(run_dir), "fusechat.vocab_map=exact"]) == 0
+    assert (run_dir / "align" / "code" / "vocab_map-exact.npy").exists()
+    assert not (run_dir / "align" / "code" / "vocab_map-min_ed.npy").exists()
+    assert load_run_config(run_dir).fusechat.vocab_map == "exact"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary) >= {"represent", "align"} and "merge" not in summary
+
 def test_represent_outputs_match_an_independent_forward(tiny_overrides, tiny_models, tmp_path):
     from models.factory import load_pretrained
 
@@ -114,7 +136,7 @@ def test_represent_outputs_match_an_independent_forward(tiny_overrides, tiny_mod
     fusechat.run_stages(cfg, run_dir, ["represent"])
     layout = json.loads((run_dir / "represent" / "layout.json").read_text())
     assert len(layout["block_indices"]) == 20 and len(set(layout["block_indices"])) == 20
-    shard = fusechat._load_shard(run_dir / "represent" / "pivot" / "shard-00001.safetensors")
+    shard = load_safetensors(run_dir / "represent" / "pivot" / "shard-00001.safetensors")
     model = load_pretrained(str(tiny_models["pivot"])).eval()
     ids = shard["input_ids"][:2].long()
     with torch.no_grad():
@@ -130,28 +152,31 @@ def test_represent_outputs_match_an_independent_forward(tiny_overrides, tiny_mod
     # a source sees the same text in its own tokens: decoding both gives the same string
     from transformers import AutoTokenizer
 
-    src = fusechat._load_shard(run_dir / "represent" / "code" / "shard-00001.safetensors")
+    src = load_safetensors(run_dir / "represent" / "code" / "shard-00001.safetensors")
     piv_tok = AutoTokenizer.from_pretrained(str(tiny_models["pivot"]))
     src_tok = AutoTokenizer.from_pretrained(str(tiny_models["code"]))
     n = int(src["length"][0])
     assert (src["input_ids"][0][n:] == -1).all() and (src["topk_ids"][0][n:] == -1).all()
     strip = lambda s: s.replace(" ", "")  # noqa: E731  (the Unigram's Metaspace adds a leading space)
-    assert strip(src_tok.decode(src["input_ids"][0][:n].tolist())) == strip(piv_tok.decode(shard["input_ids"][0].tolist()))
+    assert (strip(src_tok.decode(src["input_ids"][0][:n].tolist()))
+            == strip(piv_tok.decode(shard["input_ids"][0].tolist())))
 
 
 def test_pipeline_end_to_end_merged_model_loads_and_generates(tiny_overrides, tiny_models, tmp_path):
     from safetensors.torch import load_file
 
-    from recipes.train import build_base_model, build_datamodule
+    from recipes.engine.build import build_base_model, build_datamodule
 
-    cfg = load_config("fusechat", _overrides(tiny_overrides, tiny_models, ["fusechat.task_arithmetic_lam=1.0"]))
+    # W&B offline: every sub-run gets a W&B run of its own (see the end of the test)
+    cfg = load_config("fusechat", _overrides(tiny_overrides, tiny_models, ["fusechat.task_arithmetic_lam=1.0",
+                                                                           "logging.wandb=offline"]))
     run_dir = tmp_path / "fc"
     summary = fusechat.run(cfg, run_dir)
 
     # align: where no one-to-one match, a one-hot (logit 0) on the pivot's gold NEXT token
-    piv = fusechat._load_shard(run_dir / "represent" / "pivot" / "shard-00000.safetensors")
-    match = fusechat._load_shard(run_dir / "align" / "code" / "match-00000.safetensors")["tgt_to_src"]
-    dist = fusechat._load_shard(run_dir / "align" / "code" / "dist-00000.safetensors")
+    piv = load_safetensors(run_dir / "represent" / "pivot" / "shard-00000.safetensors")
+    match = load_safetensors(run_dir / "align" / "code" / "match-00000.safetensors")["tgt_to_src"]
+    dist = load_safetensors(run_dir / "align" / "code" / "dist-00000.safetensors")
     unmatched = (match[0, :-1] < 0).nonzero()[:, 0]
     assert len(unmatched) > 0 and 0.3 < summary["align"]["code"]["one_to_one_fraction"] < 1.0
     for i in unmatched.tolist():
@@ -159,23 +184,23 @@ def test_pipeline_end_to_end_merged_model_loads_and_generates(tiny_overrides, ti
         assert (dist["topk_ids"][0, i, 1:] == -1).all()
     # matched rows: the source's top-k mapped through the vocabulary map (first = its best mapped id)
     vmap = np.load(run_dir / "align" / "code" / "vocab_map-min_ed.npy")
-    src = fusechat._load_shard(run_dir / "represent" / "code" / "shard-00000.safetensors")
+    src = load_safetensors(run_dir / "represent" / "code" / "shard-00000.safetensors")
     j = int((match[0] >= 0).nonzero()[0, 0])
     assert int(dist["topk_ids"][0, j, 0]) == vmap[int(src["topk_ids"][0, int(match[0, j]), 0])]
 
     # train: MinCE picked one whole candidate per sequence; the targets and the baseline were trained
-    fused = fusechat._load_shard(run_dir / "fused" / "code" / "shard-00000.safetensors")
+    fused = load_safetensors(run_dir / "fused" / "code" / "shard-00000.safetensors")
     for b, c in enumerate(fused["choice"].long().tolist()):
         expect = piv if c == 0 else dist
         assert torch.equal(fused["topk_ids"][b].long(), expect["topk_ids"][b].long())
-    for d in ("targets/code", "targets/legal", "clm_only"):
+    for d in ("target_code", "target_legal", "clm_only"):
         s = json.loads((run_dir / d / "summary.json").read_text())
         assert s["step"] == 2
-    assert json.loads((run_dir / "targets/code/summary.json").read_text())["fusion/lam"] == 0.9
+    assert json.loads((run_dir / "target_code/summary.json").read_text())["fusion/lam"] == 0.9
 
     # merge: task arithmetic (lam = 1) is pivot + sum of the target deltas, tensor by tensor
     base = load_file(str(tiny_models["pivot"] / "model.safetensors"))
-    targets = [load_file(str(run_dir / "targets" / n / "hf" / "model.safetensors")) for n in ("code", "legal")]
+    targets = [load_file(str(run_dir / f"target_{n}" / "hf" / "model.safetensors")) for n in ("code", "legal")]
     merged_ta = load_file(str(run_dir / "merged_task_arithmetic" / "model.safetensors"))
     for name, b in base.items():
         assert torch.allclose(merged_ta[name], b + (targets[0][name] - b) + (targets[1][name] - b), atol=1e-6)
@@ -201,21 +226,75 @@ def test_pipeline_end_to_end_merged_model_loads_and_generates(tiny_overrides, ti
 
     # a second run skips every complete stage: nothing is rewritten
     watched = [run_dir / "represent/code/shard-00000.safetensors", run_dir / "align/code/dist-00000.safetensors",
-               run_dir / "fused/legal/shard-00002.safetensors", run_dir / "targets/code/hf/model.safetensors",
+               run_dir / "fused/legal/shard-00002.safetensors", run_dir / "target_code/hf/model.safetensors",
                run_dir / "merged/model.safetensors", run_dir / "evaluation.json", run_dir / "evaluation.png"]
     before = _mtimes(watched)
     again = fusechat.run(cfg, run_dir)
     assert _mtimes(watched) == before
     assert again["merge"]["evaluation"] == summary["merge"]["evaluation"]
 
+    # a changed merge option re-runs the merge stage alone, and its outputs are made again
+    ties_before = load_file(str(run_dir / "merged_ties" / "model.safetensors"))
+    cfg = load_config("fusechat", _overrides(tiny_overrides, tiny_models, ["fusechat.task_arithmetic_lam=1.0",
+                                                                           "logging.wandb=offline",
+                                                                           "fusechat.ties_density=0.2"]))
+    third = fusechat.run(cfg, run_dir)
+    assert _mtimes(watched[:4]) == {p: before[p] for p in watched[:4]}  # represent, align, train: untouched
+    ties_after = load_file(str(run_dir / "merged_ties" / "model.safetensors"))
+    assert any(not torch.equal(ties_before[k], ties_after[k]) for k in ties_before)
+    assert third["merge"]["evaluation"]["val_loss"]["pivot"] == summary["merge"]["evaluation"]["val_loss"]["pivot"]
+    assert json.loads((run_dir / "stages" / "merge.json").read_text())["result"]["merge"]["evaluation"] \
+        == third["merge"]["evaluation"]
+
+    # every sub-run is a direct child of the run directory: its W&B id names this run, and it logged to a
+    # W&B run of its own (not to the one the previous sub-run of the process started)
+    from recipes.engine.runs import load_run_config, wandb_id_for
+
+    for sub_run in ("target_code", "target_legal", "clm_only"):
+        assert wandb_id_for(run_dir / sub_run) == f"{run_dir.name}-{sub_run}"
+        runs = [p.name for p in (run_dir / sub_run / "wandb").glob("offline-run-*")]
+        assert len(runs) == 1 and runs[0].endswith(f"-{run_dir.name}-{sub_run}"), runs
+        saved = load_run_config(run_dir / sub_run)
+        assert saved.run.root == str(run_dir.resolve()) and saved.run.run_id == sub_run
+        assert "fusechat" in saved.logging.tags
+
 
 def test_config_errors_are_clear(tiny_overrides, tiny_models):
-    from recipes.config import ConfigError
+    import re
 
-    with pytest.raises(ConfigError, match="fusechat.vocab_map"):
-        fusechat.run_stages(load_config("fusechat", _overrides(tiny_overrides, tiny_models, ["fusechat.vocab_map=fuzzy"])),
-                            Path("/nonexistent"), ["align"])
-    with pytest.raises(ConfigError, match="merge method 'avg'"):
-        fusechat.run_stages(load_config("fusechat", _overrides(tiny_overrides, tiny_models, ["fusechat.merge_method=avg"])),
-                            Path("/nonexistent"), ["merge"])
+    from recipes.engine.errors import ConfigError
+
+    bad = {"fusechat.vocab_map=fuzzy": "fusechat.vocab_map", "fusechat.merge_method=avg": "merge method 'avg'",
+           "fusechat.compare_merge_methods=[sce,mean]": "merge method 'mean'", "fusechat.lam=1.5": "fusechat.lam",
+           "fusechat.temperature=0": "fusechat.temperature", "fusechat.ties_density=0": "fusechat.ties_density",
+           "fusechat.sce_select_topk=2": "fusechat.sce_select_topk", "fusechat.dtw_band=-2": "fusechat.dtw_band",
+           "fusechat.eval_max_blocks=-1": "fusechat.eval_max_blocks", "fusechat.target_steps=0": "target_steps",
+           "fusechat.fusion=mean": "fusechat.fusion", "fusechat.ce_unit=char": "fusechat.ce_unit",
+           "fusechat.logits_dtype=int8": "fusechat.logits_dtype", "fusechat.topk=0": "fusechat.topk",
+           "fusechat.num_blocks=2": "fusechat.num_blocks", "fusechat.sources=[]": "sources is empty",
+           "fusechat.pivot.name=code": "must be distinct", "fusechat.pivot.name=a/b": "fusechat.pivot.name",
+           "fusechat.pivot.pretrained=/nonexistent/model": "not a save_pretrained directory",
+           "fusechat.pivot.steps=5": "unknown embedded domain",
+           "fusechat.ms_min_count=0": "fusechat.ms_min_count", "fusechat.eval_batch_size=0": "eval_batch_size"}
+    for override, message in bad.items():
+        trains = override.startswith("fusechat.pivot.steps")
+        extra = [override] + (["fusechat.pivot.domains=[python]"] if trains else [])
+        with pytest.raises(ConfigError, match=re.escape(message)) as info:
+            load_config("fusechat", _overrides(tiny_overrides, tiny_models, extra))
+        assert "\n" not in str(info.value)
     assert fusechat.main(["--stage", "distil"] + _overrides(tiny_overrides, tiny_models)) == 2
+    # a stage after represent continues a run: it needs the run directory
+    assert fusechat.main(["--stage", "align"] + _overrides(tiny_overrides, tiny_models)) == 2
+
+
+def test_model_sub_runs_inherit_the_run_and_live_in_its_directory(tiny_overrides, tmp_path):
+    from recipes.fusechat.common import model_config
+
+    cfg = load_config("fusechat", tiny_overrides + ["trainer.precision=32-true", "logging.tags=[mine]"])
+    source = cfg.fusechat.sources[0]  # the embedded default: Unigram on stdlib, context 192
+    sub = model_config(cfg, source, tmp_path / "fc")
+    assert (sub.run.name, sub.run.root, sub.run.run_id) == ("tiny", str(tmp_path / "fc"), "model_stdlib_unigram")
+    assert list(sub.data.domains) == ["stdlib"] and sub.data.tokenizer == "unigram" and sub.data.vocab_size == 8192
+    assert (sub.data.block_size, sub.data.batch_size, sub.data.cache_dir) == (192, 4, cfg.data.cache_dir)
+    assert sub.trainer.max_steps == 300 and sub.trainer.precision == "32-true" and sub.optim.lr == 3e-3
+    assert list(sub.logging.tags) == ["mine", "fusechat"] and sub.logging.wandb == "disabled"

@@ -1,9 +1,8 @@
-import torch
 import pytest
-from safetensors.torch import save_file, load_file
+import torch
+from safetensors.torch import load_file, save_file
 
-from models.merging import (MERGE_METHODS, dare, merge_safetensors, merge_state_dicts, sce,
-                            task_arithmetic, ties, varm)
+from models.merging import MERGE_METHODS, dare, merge_safetensors, merge_state_dicts, sce, task_arithmetic, ties, varm
 
 D = torch.float64
 
@@ -110,9 +109,9 @@ def test_streaming_equals_in_memory(tmp_path, method, kw):
 
 
 def test_topk_mask_selection_equals_stable_sort_definition():
-    # _topk_mask selects by threshold (kthvalue) instead of sorting: the kept elements must be those of a
+    # topk_mask selects by threshold (kthvalue) instead of sorting: the kept elements must be those of a
     # stable descending sort of |x| (lowest flat index wins a tie at the cut-off), ties included
-    from models.merging import _topk_mask
+    from models.merging import topk_mask
 
     g = torch.Generator().manual_seed(0)
     for trial in range(200):
@@ -122,5 +121,5 @@ def test_topk_mask_selection_equals_stable_sort_definition():
             k = int(density * n)
             expect = torch.zeros(n, dtype=torch.bool)
             expect[torch.sort(x.abs(), descending=True, stable=True).indices[:k]] = True
-            got = _topk_mask(x.view(-1, 1), density).view(-1)
+            got = topk_mask(x.view(-1, 1), density).view(-1)
             assert torch.equal(got, expect) and int(got.sum()) == k

@@ -1,4 +1,4 @@
-"""AdaMoE null-expert MoE (models/moe.py): routing, dispatch, capacity, losses, metrics, HF retrofit."""
+"""AdaMoE null-expert MoE (models/moe/): routing, dispatch, capacity, losses, metrics, HF retrofit."""
 import math
 
 import pytest
@@ -14,8 +14,8 @@ from models.moe import (
     load_balancing_loss,
     load_retrofitted,
     moe_routing_metrics,
-    retrofit,
     resolve_expert_impl,
+    retrofit,
     router_z_loss,
     trainable_module_names,
 )

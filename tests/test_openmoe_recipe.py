@@ -1,5 +1,5 @@
-"""The `openmoe` recipe (SPEC.md section 2): the OpenMoE-style model, its capacity rules, the routing-probe
-callback and `make analyze` (recipes/analyze.py) end to end on a tiny run."""
+"""The `openmoe` recipe: the OpenMoE-style model, its capacity rules, the routing-probe
+callback and `make analyze` (recipes/openmoe/analyze.py) end to end on a tiny run."""
 import csv
 import json
 from pathlib import Path
@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.config import ConfigError, load_config, save_config
+from recipes.engine.config import ConfigError, load_config
+from recipes.engine.runs import save_run_config
 
 # A 2-layer, 32-wide OpenMoE (both MLPs are MoE: 4 experts, top-2) on 32-token blocks.
 SMALL = ["data.block_size=32", "data.batch_size=4", "data.val_batch_size=8", "trainer.val_check_interval=3",
@@ -119,7 +120,7 @@ def test_save_and_load_through_model_pretrained(tmp_path):
 
 @pytest.fixture(scope="module")
 def openmoe_run(tmp_path_factory, data_cache):
-    from recipes.train import train
+    from recipes.engine.loop import train
 
     root = tmp_path_factory.mktemp("openmoe_runs")
     overrides = _base(root, data_cache) + SMALL + ["trainer.max_steps=6"]
@@ -129,7 +130,7 @@ def openmoe_run(tmp_path_factory, data_cache):
 
 @pytest.fixture(scope="module")
 def analysis(openmoe_run):
-    from recipes.analyze import analyze
+    from recipes.openmoe.analyze import analyze
 
     report = analyze(openmoe_run["run_dir"], ["max_blocks=24", "batch_size=8", "position_buckets=4",
                                               "min_token_count=2"], progress=False)
@@ -210,8 +211,8 @@ def test_analyze_report_keys_ranges_and_figures(openmoe_run, analysis):
 def test_analyze_drop_rates_match_the_model_itself(openmoe_run, analysis):
     """Independent check: the final checkpoint's eval-mode drops, read off the blocks' own routing records."""
     from models.moe import moe_blocks
-    from recipes.analyze import load_weights, run_checkpoints, validation_blocks
-    from recipes.train import build_base_model, build_datamodule
+    from recipes.engine.build import build_base_model, build_datamodule
+    from recipes.openmoe.analyze import load_weights, run_checkpoints, validation_blocks
 
     run_dir = openmoe_run["run_dir"]
     cfg = load_config("openmoe", openmoe_run["overrides"])
@@ -234,13 +235,13 @@ def test_analyze_drop_rates_match_the_model_itself(openmoe_run, analysis):
 
 
 def test_analyze_clear_errors(tmp_path, data_cache, openmoe_run):
-    from recipes.analyze import AnalysisError, analyze, parse_options
+    from recipes.openmoe.analyze import AnalysisError, analyze, parse_options
 
     with pytest.raises(AnalysisError, match="does not exist"):
         analyze(tmp_path / "nope")
     empty = tmp_path / "empty_run"
     (empty / "checkpoints").mkdir(parents=True)
-    save_config(load_config("openmoe", _base(tmp_path, data_cache) + SMALL), empty / "config.yaml")
+    save_run_config(load_config("openmoe", _base(tmp_path, data_cache) + SMALL), empty / "config.yaml")
     with pytest.raises(AnalysisError, match="no readable checkpoint"):
         analyze(empty)
     # A dense (llama) run with a real step checkpoint of its module is not an MoE run.
@@ -248,22 +249,25 @@ def test_analyze_clear_errors(tmp_path, data_cache, openmoe_run):
     (dense / "checkpoints").mkdir(parents=True)
     cfg = load_config("tiny", _base(tmp_path, data_cache) + ["data.block_size=32", "model.overrides.hidden_size=32",
                                                             "model.overrides.num_hidden_layers=1"])
-    save_config(cfg, dense / "config.yaml")
+    save_run_config(cfg, dense / "config.yaml")
     torch.save({"global_step": 1, "state_dict": {}}, dense / "checkpoints" / "step0000001.ckpt")
     with pytest.raises(AnalysisError, match="not an MoE run"):
         analyze(dense)
-    with pytest.raises(AnalysisError, match="unknown option"):
+    with pytest.raises(AnalysisError, match="Unknown config key 'bogus'"):
         parse_options(["bogus=1"])
+    with pytest.raises(AnalysisError, match="Did you mean: top_n"):
+        parse_options(["topn=3"])
+    with pytest.raises(AnalysisError, match="expects type int"):
+        parse_options(["top_n=many"])
     with pytest.raises(AnalysisError, match="must be >= 1"):
         parse_options(["batch_size=0"])
 
 
 def test_routing_probe_config_errors(tmp_path, data_cache):
-    from recipes.routing_callback import routing_callbacks
+    from recipes.engine.routing_callback import routing_callbacks
 
-    cfg = load_config("openmoe", _base(tmp_path, data_cache) + ["routing_probe.every_n_steps=0"])
-    with pytest.raises(ConfigError, match="every_n_steps"):
-        routing_callbacks(cfg, tmp_path)
+    with pytest.raises(ConfigError, match="every_n_steps"):  # at load time, before any training
+        load_config("openmoe", _base(tmp_path, data_cache) + ["routing_probe.every_n_steps=0"])
     # opt-in for other recipes: off unless asked for
     assert routing_callbacks(load_config("adamoe", _base(tmp_path, data_cache)), tmp_path) == []
     assert len(routing_callbacks(load_config("adamoe", _base(tmp_path, data_cache) +

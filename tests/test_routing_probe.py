@@ -1,4 +1,4 @@
-"""Routing probe (models/routing_probe.py): hooks on every MoE block, capacity drops, analyses.
+"""Routing probe (models/routing_probe/): hooks on every MoE block, capacity drops, analyses.
 
 Expectations are independent of the probe: hand-computed batches, HF's own router logits
 (output_router_logits=True), a numpy simulation of uniform routing, closed forms.

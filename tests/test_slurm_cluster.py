@@ -1,6 +1,7 @@
-"""A real one-node SLURM cluster (Debian's slurm-wlm + munge, started here as root without systemd):
-launch.sh is submitted with a short time limit, gets SIGUSR1 before it, checkpoints, requeues itself, resumes,
-and ends with the same final loss as an uninterrupted run.
+"""A real one-node SLURM cluster (Debian's slurm-wlm + munge, started here as root without systemd), and
+launch.sh on it: (1) a short time limit, SIGUSR1 before it, checkpoint, requeue, resume; (2) a 2-task srun DDP
+run on CPU preempted with SIGTERM; (3) a sweep as a 2-task array job, one task signalled. Each ends with the
+same final loss as an uninterrupted run.
 
 .ci/run installs the packages (`apt-get install -y slurm-wlm munge`); without them, or not as root, the
 test skips with the reason.
@@ -125,13 +126,13 @@ class Cluster:
                     p.wait()
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
     # slurmd and the job run as root; keep everything in a directory root owns and can enter
-    c = Cluster(tmp_path / "slurm", cpus=max(1, os.cpu_count() or 1))
+    c = Cluster(tmp_path_factory.mktemp("slurm"), cpus=max(1, os.cpu_count() or 1))
     try:
         c.start()
     except Exception as e:  # e.g. a container that forbids what slurmd needs
@@ -141,47 +142,121 @@ def cluster(tmp_path):
     c.stop()
 
 
-def _overrides(tmp_path, data_cache, steps):
+def _overrides(data_cache, steps, *extra):
     return [f"data.cache_dir={data_cache}", "data.max_chars_per_domain=200000", "trainer.progress_bar=false",
             "logging.wandb=disabled", f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1",
             "trainer.val_check_interval=1000", "optim.warmup_steps=2", "checkpoint.every_n_steps=10",
-            "data.batch_size=16"]
+            "data.batch_size=16", *extra]
+
+
+def _local(cluster, root, *args):
+    r = subprocess.run([sys.executable, "-m", "recipes", *args, f"run.root={root}"], cwd=ROOT,
+                       env=dict(cluster.env, WANDB_MODE="disabled"), capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _sbatch(cluster, tmp_path, runs, *args, export=""):
+    sub = cluster._run("sbatch", "--parsable", f"--chdir={ROOT}", f"--output={tmp_path / 'job-%j.out'}",
+                       f"--export=ALL,PY={sys.executable},RUN_ROOT={runs},WANDB_MODE=disabled{export}", *args)
+    assert sub.returncode == 0, sub.stderr
+    return sub.stdout.strip().split(";")[0]
+
+
+def _state(cluster, job):
+    q = cluster._run("scontrol", "show", "job", job)
+    return next((w.split("=", 1)[1] for w in q.stdout.split() if w.startswith("JobState=")), "")
+
+
+def _wait_done(cluster, jobs, timeout=1800):
+    deadline, states = time.time() + timeout, {}
+    while time.time() < deadline:
+        states = {j: _state(cluster, j) for j in jobs}
+        ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+        if all(s in ended for s in states.values()):
+            return states
+        time.sleep(3)
+    return states
+
+
+def _wait_for_step(run_dir, step, timeout=600):
+    from recipes.engine.logs import read_metrics
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            rows = read_metrics(run_dir / "metrics.csv")
+            if max((r["step"] for r in rows if r.get("train/loss") is not None), default=-1) >= step:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{run_dir} did not reach step {step}")
+
+
+def _log(run_dir):
+    path = run_dir / "slurm.log"
+    return path.read_text(errors="replace") if path.exists() else "(no slurm.log)"
+
+
+def _same_final_loss(run_dir, reference_dir, steps):
+    got = json.loads((run_dir / "summary.json").read_text())
+    want = json.loads((reference_dir / "summary.json").read_text())
+    assert got["step"] == want["step"] == steps
+    assert abs(got["train/loss"] - want["train/loss"]) < 1e-5, (got["train/loss"], want["train/loss"])
 
 
 def test_launch_sh_is_signalled_requeued_and_resumes_to_the_same_loss(tmp_path, data_cache, cluster):
     steps = 150  # about a minute of training on 2 cores: longer than one segment, so it is cut at least once
-    args = _overrides(tmp_path, data_cache, steps)
-    straight = subprocess.run([sys.executable, "-m", "recipes", "train", "tiny", *args,
-                               f"run.root={tmp_path / 'plain'}", "run.run_id=straight"], cwd=ROOT,
-                              env=dict(cluster.env, WANDB_MODE="disabled"), capture_output=True, text=True,
-                              timeout=1800)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    want = json.loads((tmp_path / "plain" / "tiny" / "straight" / "summary.json").read_text())
-
+    args = _overrides(data_cache, steps)
+    _local(cluster, tmp_path / "plain", "train", "tiny", *args, "run.run_id=straight")
     runs = tmp_path / "runs"
-    out = tmp_path / "job-%j.out"
     # --time=1 (minute) with SIGUSR1 40 s before the limit: each segment is cut ~20 s in (SLURM's signal
     # timer has up to a minute of slack, hence a short limit). launch.sh's own #SBATCH defaults are overridden.
-    sub = cluster._run("sbatch", "--parsable", "--time=1", "--signal=USR1@40", "--ntasks-per-node=1",
-                       f"--cpus-per-task={cluster.cpus}", f"--chdir={ROOT}", f"--output={out}",
-                       f"--export=ALL,PY={sys.executable},RUN_ROOT={runs},WANDB_MODE=disabled",
-                       str(ROOT / "launch.sh"), "tiny", *args)
-    assert sub.returncode == 0, sub.stderr
-    job = sub.stdout.strip().split(";")[0]
+    job = _sbatch(cluster, tmp_path, runs, "--time=1", "--signal=USR1@40", "--ntasks-per-node=1",
+                  f"--cpus-per-task={cluster.cpus}", str(ROOT / "launch.sh"), "tiny", *args)
     run_dir = runs / "tiny" / f"slurm-{job}"
-    deadline = time.time() + 1800
-    state = ""
-    while time.time() < deadline:
-        q = cluster._run("scontrol", "show", "job", job)
-        state = next((w.split("=", 1)[1] for w in q.stdout.split() if w.startswith("JobState=")), "")
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            break
-        time.sleep(3)
-    log = Path(str(out).replace("%j", job))
-    text = log.read_text(errors="replace") if log.exists() else "(no job output)"
+    state = _wait_done(cluster, [job])[job]
+    text = _log(run_dir)
     assert state == "COMPLETED", f"job {job} ended {state!r}\n{text[-4000:]}\n{cluster.logs()}"
-    assert text.count("[preemption] checkpoint at step") >= 1, text[-4000:]
+    assert "interrupted: SIGUSR1" in text and "SLURM requeued the job" in text, text[-4000:]
     assert "scontrol requeue" in text and "resuming" in text, text[-4000:]
-    got = json.loads((run_dir / "summary.json").read_text())
-    assert got["step"] == want["step"] == steps
-    assert abs(got["train/loss"] - want["train/loss"]) < 1e-5, (got["train/loss"], want["train/loss"])
+    assert "log in" in Path(str(tmp_path / "job-%j.out").replace("%j", job)).read_text()
+    _same_final_loss(run_dir, tmp_path / "plain" / "tiny" / "straight", steps)
+
+
+def test_two_task_ddp_through_srun_survives_sigterm_preemption(tmp_path, data_cache, cluster):
+    steps = 40
+    args = _overrides(data_cache, steps, "trainer.accelerator=cpu", "trainer.strategy=ddp", "data.batch_size=8")
+    _local(cluster, tmp_path / "plain", "train", "tiny", *args, "trainer.devices=2", "run.run_id=straight")
+    runs = tmp_path / "runs"
+    job = _sbatch(cluster, tmp_path, runs, "--ntasks-per-node=2", "--cpus-per-task=1", "--time=30",
+                  str(ROOT / "launch.sh"), "tiny", *args)
+    run_dir = runs / "tiny" / f"slurm-{job}"
+    _wait_for_step(run_dir, 5)
+    assert cluster._run("scancel", "--signal=TERM", job).returncode == 0  # what a preemption sends the steps
+    state = _wait_done(cluster, [job])[job]
+    text = _log(run_dir)
+    assert state == "COMPLETED", f"job {job} ended {state!r}\n{text[-4000:]}\n{cluster.logs()}"
+    assert "interrupted: SIGTERM" in text and "resuming" in text, text[-4000:]
+    _same_final_loss(run_dir, tmp_path / "plain" / "tiny" / "straight", steps)
+
+
+def test_sweep_as_a_two_task_array_each_point_resumes(tmp_path, data_cache, cluster):
+    steps = 40
+    sweep = tmp_path / "sw.yaml"
+    sweep.write_text("name: lrs\ngrid: {optim.lr: [0.002, 0.004]}\n")
+    args = _overrides(data_cache, steps)
+    _local(cluster, tmp_path / "plain", "sweep", "tiny", str(sweep), *args)  # uninterrupted, one after another
+    runs = tmp_path / "runs"
+    job = _sbatch(cluster, tmp_path, runs, "--array=0-1", "--ntasks-per-node=1", "--cpus-per-task=1",
+                  "--time=30", str(ROOT / "launch.sh"), "tiny", *args, export=f",SWEEP_FILE={sweep}")
+    first = runs / "tiny" / f"slurm-{job}-0"
+    _wait_for_step(first, 5)
+    assert cluster._run("scancel", "--signal=USR1", f"{job}_0").returncode == 0
+    states = _wait_done(cluster, [f"{job}_0", f"{job}_1"])
+    assert set(states.values()) == {"COMPLETED"}, (states, _log(first)[-3000:], cluster.logs())
+    assert "interrupted: SIGUSR1" in _log(first) and "resuming" in _log(first)
+    for i in range(2):
+        run_dir = runs / "tiny" / f"slurm-{job}-{i}"
+        assert f"group: slurm-{job}" in (run_dir / "config.yaml").read_text()
+        _same_final_loss(run_dir, tmp_path / "plain" / "tiny" / f"lrs-{i}", steps)

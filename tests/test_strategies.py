@@ -1,8 +1,8 @@
 """trainer.strategy from the recipe: the registry, DeepSpeed configs, atomic directory checkpoints, and
-ZeRO-2 / ZeRO-3 / FSDP2 with 2 CPU processes (about 40 s each, in the fast suite): train, save, resume, export, load back, same outputs."""
+ZeRO-2 / ZeRO-3 / FSDP2 with 2 CPU processes (about 40 s each, in the fast suite): \
+train, save, resume, export, load back, same outputs."""
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.checkpointing import atomic_directory_saves, checkpoint_kind, checkpoint_step
-from recipes.config import ConfigError, load_config
-from recipes.logging_utils import read_metrics
-from recipes.train import STRATEGIES, build_strategy, deepspeed_config
+from recipes.engine.checkpointing import atomic_directory_saves, checkpoint_kind, checkpoint_step
+from recipes.engine.config import ConfigError, load_config
+from recipes.engine.logs import read_metrics
+from recipes.engine.strategies import STRATEGIES, build_strategy, deepspeed_config
 from tests.conftest import ROOT
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -108,7 +108,7 @@ def ddp_reference(tmp_path_factory, data_cache):
     r = _cli("recipes", "train", "tiny", *_common(root, data_cache, "ddp"), "run.run_id=ref")
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = root / "tiny" / "ref"
-    assert _cli("recipes.export", str(run_dir)).returncode == 0
+    assert _cli("recipes.engine.export", str(run_dir)).returncode == 0
     return run_dir
 
 
@@ -137,9 +137,9 @@ def test_sharded_strategy_saves_resumes_exports_and_loads_back(tmp_path, data_ca
     for step in ref:
         assert abs(ref[step] - got[step]) < 1e-4, (step, ref[step], got[step])
 
-    r = _cli("recipes.export", str(run_dir))
+    r = _cli("recipes.engine.export", str(run_dir))
     assert r.returncode == 0, r.stderr[-3000:]
-    from recipes.train import build_base_model, build_datamodule
+    from recipes.engine.build import build_base_model, build_datamodule
 
     base = [f"data.cache_dir={data_cache}", "data.max_chars_per_domain=200000"]
     dm = build_datamodule(load_config("tiny", base))
@@ -151,7 +151,7 @@ def test_sharded_strategy_saves_resumes_exports_and_loads_back(tmp_path, data_ca
             outputs[name] = model(input_ids=ids).logits
     assert (outputs["sharded"] - outputs["ddp"]).abs().max() < 2e-3
     # loaded back = exactly the consolidated weights (not merely close to another run)
-    from recipes.export import consolidated_state_dict, model_state_dict
+    from recipes.engine.export import consolidated_state_dict, model_state_dict
 
     weights = model_state_dict(consolidated_state_dict(last))
     model = build_base_model(load_config("tiny", base), dm)

@@ -8,9 +8,9 @@ import yaml
 
 from models.factory import ModelSpec, build_model, load_pretrained
 from models.tokenformer import TokenFormerForCausalLM, grow_parameter_tokens
-from recipes.config import ConfigError, load_config
-from recipes.logging_utils import read_metrics
-from recipes.train import train
+from recipes.engine.config import ConfigError, load_config
+from recipes.engine.logs import read_metrics
+from recipes.engine.loop import train
 
 
 def _overrides(root, data_cache):
@@ -57,7 +57,7 @@ def test_factory_builds_and_loads_tokenformer(tmp_path):
 
 
 def test_tokenformer_recipe_trains_and_exports(source_run):
-    from recipes.export import export
+    from recipes.engine.export import export
 
     run_dir, _ = source_run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -73,7 +73,7 @@ def test_tokenformer_recipe_trains_and_exports(source_run):
 
 
 def test_grow_recipe_preserves_loss_copies_rows_and_trains(source_run):
-    from recipes.tokenformer_grow import CONFIG_KEY, load_source_run
+    from recipes.tokenformer.grow import CONFIG_KEY, load_source_run
 
     src, overrides = source_run
     # The source run's weights come back exactly, and growth copies them into the first rows.
@@ -112,14 +112,14 @@ def test_grow_recipe_preserves_loss_copies_rows_and_trains(source_run):
 
 
 def test_grow_refuses_other_recipes_sizes_and_shrinking(source_run, tmp_path):
-    from recipes.config import save_config
-    from recipes.tokenformer_grow import load_source_run
+    from recipes.engine.runs import save_run_config
+    from recipes.tokenformer.grow import load_source_run
 
     src, overrides = source_run
     # A dense Llama run (recipe `tiny`): refused before any checkpoint is read.
     llama_dir = tmp_path / "llama_run"
     llama_dir.mkdir()
-    save_config(load_config("tiny", overrides[:5]), llama_dir / "config.yaml")
+    save_run_config(load_config("tiny", overrides[:5]), llama_dir / "config.yaml")
     with pytest.raises(ConfigError, match=r"recipe 'tiny' with model.arch=llama \(size tiny\)"):
         load_source_run(llama_dir)
     # A checkpoint whose sizes are not the ones its run config describes.

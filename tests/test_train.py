@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.config import load_config
-from recipes.logging_utils import read_metrics
-from recipes.train import build_base_model, build_datamodule, resume_run, train
+from recipes.engine.build import build_base_model, build_datamodule
+from recipes.engine.config import load_config
+from recipes.engine.logs import read_metrics
+from recipes.engine.loop import resume_run, train
 from tests.conftest import ROOT
 
 
@@ -112,9 +113,9 @@ def test_guard_keeps_last_good_checkpoint(tmp_path):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from recipes.callbacks import NonFiniteGuard
-    from recipes.checkpointing import AtomicCheckpointIO, checkpoint_step
-    from recipes.lm_module import NonFiniteLossError
+    from recipes.engine.callbacks import NonFiniteGuard
+    from recipes.engine.checkpointing import AtomicCheckpointIO, checkpoint_step
+    from recipes.engine.module import NonFiniteLossError
 
     class Regression(L.LightningModule):
         """A real linear regression whose weights an (injected) bad update makes infinite at step 3."""

@@ -1,11 +1,22 @@
-import torch
 import pytest
+import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.twin import (LowRank, TaskRouter, TwinMergedModel, attach_lowrank_experts, compress_exclusive,
-                         exclusive_task_vectors, load_experts, lora_delta_state_dict, merge_explicit,
-                         save_experts, set_routing_weights, storage_bytes)
+from models.twin import (
+    LowRank,
+    TaskRouter,
+    TwinMergedModel,
+    attach_lowrank_experts,
+    compress_exclusive,
+    exclusive_task_vectors,
+    load_experts,
+    lora_delta_state_dict,
+    merge_explicit,
+    save_experts,
+    set_routing_weights,
+    storage_bytes,
+)
 
 D = torch.float64
 
@@ -187,7 +198,7 @@ def test_recipe_builds_experts_from_full_and_lora_finetunes(tmp_path, mode):
 
     from safetensors.torch import load_file
 
-    from recipes.twin_merging import build_experts, finetuned_state
+    from recipes.twin_merging.experts import build_experts, finetuned_state
     base_dir, ft_dirs, base_sd = _saved_finetunes(tmp_path, mode)
     loaded = [finetuned_state(mode, base_dir, d) for d in ft_dirs]
     tuned, keys = [sd for sd, _ in loaded], loaded[0][1]

@@ -1,11 +1,12 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
-from recipes.config import ConfigError, load_config
-from recipes.train import train
+from recipes.engine.config import ConfigError, load_config
+from recipes.engine.loop import resume_run, train
 
 
 def test_twin_merging_pipeline_end_to_end_and_resumes(tiny_overrides):
@@ -35,24 +36,44 @@ def test_twin_merging_pipeline_end_to_end_and_resumes(tiny_overrides):
     assert not list(run_dir.rglob("*.tmp"))
     router_meta = json.loads((run_dir / "router.json").read_text())
     assert router_meta["select_acc"] == s["router_select_acc"] and router_meta["domains"] == doms
-    # second call skips every completed stage: trained weights, experts and router are untouched
+    # resuming the run skips every completed stage: trained weights, experts and router are untouched
     files = [run_dir / "base/hf/model.safetensors", run_dir / "ft_pydoc/hf/model.safetensors",
              run_dir / "experts/experts.safetensors", run_dir / "experts/shared.safetensors",
              run_dir / "experts/experts.json", run_dir / "router.safetensors", run_dir / "router.json"]
     stamps = {p: p.stat().st_mtime_ns for p in files}
-    s2 = train(load_config("twin_merging", overrides))
+    s2 = resume_run(run_dir)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert json.loads((s2 / "summary.json").read_text())["test_loss"] == s["test_loss"]
-    # a stage whose completion marker is missing (killed before it) or whose settings changed is redone:
-    # here the router, retrained on the state after an 8-token prefix (generation-time routing)
-    (run_dir / "router.json").unlink()
-    s3 = json.loads((train(load_config("twin_merging", overrides + ["twin.router_prefix_len=8"]))
-                     / "summary.json").read_text())
+    # a changed setting re-runs its stage and the later ones: here the router, retrained on the state after an
+    # 8-token prefix (generation-time routing), and the evaluation
+    s3 = json.loads((resume_run(run_dir, ["twin.router_prefix_len=8"]) / "summary.json").read_text())
     assert json.loads((run_dir / "router.json").read_text())["prefix_len"] == 8 and s3["router_prefix_len"] == 8
     assert (run_dir / "router.safetensors").stat().st_mtime_ns != stamps[run_dir / "router.safetensors"]
     assert s3["test_loss"]["base"] == s["test_loss"]["base"]
-    experts_file = run_dir / "experts/experts.safetensors"
-    assert experts_file.stat().st_mtime_ns == stamps[experts_file]
+    # ... and nothing before the router: trained models and experts are untouched
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in files[:5])
+    # a run directory from before the stage markers and stamps reuses every complete output (and stamps it),
+    # and redoes an incomplete one: here the router, as if killed before router.json
+    stamps3 = {p: p.stat().st_mtime_ns for p in files}
+    shutil.rmtree(run_dir / "stages")
+    for stamp_file in run_dir.glob("*/twin_stamp.json"):
+        stamp_file.unlink()
+    meta_file = run_dir / "experts/experts.json"
+    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "stamp"}))
+    (run_dir / "router.json").unlink()
+    s4 = json.loads((resume_run(run_dir) / "summary.json").read_text())
+    assert all(stamps3[p] == p.stat().st_mtime_ns for p in files[:4])
+    assert (run_dir / "router.safetensors").stat().st_mtime_ns != stamps3[run_dir / "router.safetensors"]
+    assert "stamp" in json.loads(meta_file.read_text()) and (run_dir / "base/twin_stamp.json").exists()
+    assert s4["test_loss"] == s3["test_loss"] and s4["router_select_acc"] == s3["router_select_acc"]
+    # a setting of the experts stage rebuilds the experts and everything after them, not the trained models
+    stamps4 = {p: p.stat().st_mtime_ns for p in files}
+    s5 = json.loads((resume_run(run_dir, ["twin.lam=0.5"]) / "summary.json").read_text())
+    assert all(p.stat().st_mtime_ns == stamps4[p] for p in files[:2])
+    assert all(p.stat().st_mtime_ns != stamps4[p] for p in files[2:])
+    assert json.loads((run_dir / "experts/experts.json").read_text())["lam"] == 0.5
+    assert s5["test_loss"]["base"] == s["test_loss"]["base"]
+    assert s5["test_loss"]["task_arithmetic"] != s3["test_loss"]["task_arithmetic"]
 
 
 @pytest.mark.slow  # ~40 s: three Lightning runs; the fast path is tests/test_twin.py::test_recipe_builds_*
@@ -61,7 +82,7 @@ def test_twin_merging_lora_finetunes_give_lora_experts(tiny_overrides):
 
     from models.factory import load_pretrained
     from models.twin import LowRank, load_experts
-    from recipes.twin_merging import finetuned_state
+    from recipes.twin_merging.experts import finetuned_state
     rank, doms = 2, ["pydoc", "stdlib"]
     overrides = tiny_overrides + ["twin.base_steps=4", "twin.finetune_steps=2", "twin.eval_batches=1",
                                   "twin.router_epochs=3", "run.run_id=lora", "twin.finetune=lora",
@@ -94,15 +115,107 @@ def test_twin_merging_lora_finetunes_give_lora_experts(tiny_overrides):
                 assert torch.equal(tuned[k], base_sd[k]) and torch.equal(shared[k], base_sd[k])
 
 
-def test_twin_config_errors(tiny_overrides):
-    with pytest.raises(ConfigError, match="twin.finetune"):
-        train(load_config("twin_merging", tiny_overrides + ["twin.finetune=qlora", "run.run_id=bad"]))
-    with pytest.raises(ConfigError, match="two domains"):
-        train(load_config("twin_merging", tiny_overrides + ["data.domains=[pydoc]", "run.run_id=bad2"]))
+@pytest.mark.parametrize("override,match", [
+    ("twin.finetune=qlora", "twin.finetune"), ("data.domains=[pydoc]", "two domains"),
+    ("twin.ties_density=1.5", "twin.ties_density"), ("twin.rank=0", "twin.rank"), ("twin.rank=2.5", "whole number"),
+    ("twin.lam=-1", "twin.lam"), ("twin.router_prefix_len=-1", "router_prefix_len"),
+    ("twin.router_prefix_len=999", "router_prefix_len"), ("twin.eval_batches=0", "twin.eval_batches"),
+    ("twin.lora_targets=[]", "twin.lora_targets"), ("twin.lora_rank=0", "twin.lora_rank"),
+    ("data.domains=[pydoc,nope]", "unknown embedded domain"), ("data.domains=[pydoc,pydoc]", "twice"),
+    ("model.pretrained=/somewhere", "model.pretrained"), ("data.source=files", "data.source"),
+    ("trainer.devices=2", "one process"), ("trainer.devices=[0,1]", "one process")])
+def test_twin_config_errors_at_load(tiny_overrides, override, match):
+    # every option is checked when the config is loaded, before any stage runs: one line, no traceback
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config("twin_merging", tiny_overrides + [override, "run.run_id=bad"])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("twin_lora_ft.rank=0", "twin_lora_ft.rank"), ("twin_lora_ft.alpha=0", "twin_lora_ft.alpha"),
+    ("twin_lora_ft.dropout=1.0", "twin_lora_ft.dropout"), ("twin_lora_ft.targets=[]", "twin_lora_ft.targets")])
+def test_twin_lora_ft_config_errors_at_load(tiny_overrides, override, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config("twin_lora_ft", tiny_overrides + [override])
+    assert "\n" not in str(e.value)
+
+
+def test_sub_run_configs_inherit_the_parent(tiny_overrides, tmp_path):
+    from recipes.twin_merging.stages import base_config, finetune_config
+    cfg = load_config("twin_merging", tiny_overrides + [
+        "twin.base_steps=7", "twin.finetune_steps=3", "twin.finetune_lr=2e-3", "optim.betas=[0.8,0.9]",
+        "run.seed=5", "data.block_size=64", "trainer.precision=32-true", "logging.tags=[mine]",
+        "twin.finetune=lora", "twin.lora_rank=3", "twin.lora_targets=[q_proj]"])
+    run_dir = tmp_path / "r"
+    base = base_config(cfg, run_dir)
+    assert base.run.name == "tiny" and base.trainer.max_steps == 7 and base.run.seed == 5
+    assert base.data.block_size == 64 and list(base.data.domains) == list(cfg.data.domains)
+    assert base.data.cache_dir == cfg.data.cache_dir and base.trainer.precision == "32-true"
+    assert list(base.optim.betas) == [0.8, 0.9] and base.optim.lr == cfg.optim.lr
+    assert list(base.logging.tags) == ["mine", "twin_merging"] and not base.model.pretrained
+    ft = finetune_config(cfg, run_dir, "stdlib")
+    assert ft.run.name == "twin_lora_ft" and ft.run.run_id == "ft_stdlib" and list(ft.data.domains) == ["stdlib"]
+    assert ft.model.pretrained == str((run_dir / "base" / "hf").resolve())
+    assert ft.trainer.max_steps == 3 and ft.optim.lr == 2e-3 and ft.optim.weight_decay == 0.0
+    assert ft.twin_lora_ft.rank == 3 and list(ft.twin_lora_ft.targets) == ["q_proj"]
+
+
+def test_stage_keys_router_prefix_retrains_only_the_router(tiny_overrides):
+    from recipes.engine.pipeline import fingerprint
+    from recipes.twin_merging.stages import stages, stamp
+    a = load_config("twin_merging", tiny_overrides)
+    b = load_config("twin_merging", tiny_overrides + ["twin.router_prefix_len=8"])
+    names = [s.name for s in stages(a)]
+    assert names == ["base", "finetune_pydoc", "finetune_stdlib", "finetune_licenses", "experts", "router",
+                     "evaluate"]
+    changed = [s.name for s in stages(a) if fingerprint(a, s.keys) != fingerprint(b, s.keys)]
+    assert changed == ["router"]
+    assert [n for n in names if stamp(a, n) != stamp(b, n)] == ["router", "evaluate"]
+    # a setting of an early stage changes the stamps of that stage and of everything after it
+    c = load_config("twin_merging", tiny_overrides + ["twin.finetune_steps=7"])
+    assert [n for n in names if stamp(a, n) != stamp(c, n)] == names[1:]
+    # lora options matter only to LoRA fine-tunes
+    d = load_config("twin_merging", tiny_overrides + ["twin.lora_rank=3"])
+    assert all(stamp(a, n) == stamp(d, n) for n in names)
+
+
+def test_training_stage_redoes_outputs_of_other_settings(tiny_overrides, tmp_path, monkeypatch):
+    # a training stage reuses its hf/ only when its stamp is the current one (or it has none: an older run
+    # directory); another stamp's outputs and checkpoints are removed and the sub-run trains from step 0
+    import recipes.engine.export as engine_export
+    import recipes.engine.loop as engine_loop
+    from recipes.twin_merging.stages import STAMP_FILE, base_config, train_and_export
+    calls = []
+
+    def fake_train(sub, run_dir, resume):
+        calls.append(resume)
+        (run_dir / "summary.json").write_text(json.dumps({"step": sub.trainer.max_steps}))
+
+    def fake_export(stage_dir, out_dir):
+        out_dir.mkdir()
+        (out_dir / "model.safetensors").write_text("new")
+
+    monkeypatch.setattr(engine_loop, "train", fake_train)
+    monkeypatch.setattr(engine_export, "export", fake_export)
+    cfg = load_config("twin_merging", tiny_overrides)
+    run_dir = tmp_path / "run"
+    stage = run_dir / "base"
+    (stage / "hf").mkdir(parents=True)
+    (stage / "hf/model.safetensors").write_text("old")
+    assert train_and_export(cfg, run_dir, "base", base_config(cfg, run_dir), "A") == stage / "hf"  # no stamp
+    assert calls == [] and json.loads((stage / STAMP_FILE).read_text())["stamp"] == "A"
+    assert train_and_export(cfg, run_dir, "base", base_config(cfg, run_dir), "A") == stage / "hf"
+    assert calls == [] and (stage / "hf/model.safetensors").read_text() == "old"
+    (stage / "checkpoints").mkdir()
+    (stage / "checkpoints/last.ckpt").write_text("not a checkpoint of these settings")
+    assert train_and_export(cfg, run_dir, "base", base_config(cfg, run_dir), "B") == stage / "hf"
+    assert calls == [False] and (stage / "hf/model.safetensors").read_text() == "new"
+    assert not (stage / "checkpoints/last.ckpt").exists() and not (stage / "hf.tmp").exists()
+    assert json.loads((stage / STAMP_FILE).read_text())["stamp"] == "B"
 
 
 def test_wandb_table_offline(tmp_path, monkeypatch):
-    from recipes.twin_merging import log_to_wandb, normalised_scores, plot_scores
+    from recipes.twin_merging.evaluate import log_to_wandb, normalised_scores, plot_scores
     monkeypatch.setenv("WANDB_MODE", "offline")
     doms = ["a", "b"]
     table = {"base": {"a": 3.0, "b": 4.0}, "finetuned_a": {"a": 2.0, "b": 4.5}, "finetuned_b": {"a": 3.5, "b": 2.0},

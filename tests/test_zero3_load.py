@@ -1,4 +1,4 @@
-"""model.pretrained under DeepSpeed ZeRO-3 (recipes/train.py `zero3_model_factory`): the model is built in each
+"""model.pretrained under DeepSpeed ZeRO-3 (recipes/engine/build.py `Zero3ModelFactory`): the model is built in each
 process under zero.Init, transformers loads the checkpoint into the partitions, the recipe's prepare_model
 (AdaMoE retrofit + LoRA) runs on the partitioned model. Fast: which runs take that path, the training dtype of
 model.pretrained, the block-by-block retrofit. Slow (2 CPU processes, tests/deepspeed_cpu.py): parameters created
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.config import ConfigError, load_config
-from recipes.logging_utils import read_metrics
+from recipes.engine.config import ConfigError, load_config
+from recipes.engine.logs import read_metrics
 from tests.conftest import ROOT
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -31,7 +31,7 @@ def _data(data_cache):
 def pretrained(tmp_path_factory, data_cache):
     """A tiny Mixtral saved with save_pretrained, its (tied) embeddings scaled by 6 so that its loss is far from
     that of any fresh initialisation: a run that trained a fresh model instead would show at step 0."""
-    from recipes.train import build_base_model, build_datamodule
+    from recipes.engine.build import build_base_model, build_datamodule
 
     cfg = load_config("tiny", _data(data_cache) + MIXTRAL)
     dm = build_datamodule(cfg)
@@ -47,28 +47,27 @@ def pretrained(tmp_path_factory, data_cache):
 # ------------------------------------------------------------------------------------------------- fast
 
 def test_which_runs_build_the_model_under_zero3(pretrained, data_cache):
-    import recipes.adamoe as adamoe
-    import recipes.adamoe_finetune as finetune
-    import recipes.openmoe as openmoe
-    from recipes.train import zero3_deferred_load
+    import recipes.adamoe.finetune as finetune
+    from recipes.engine.build import zero3_deferred_load
+    from recipes.engine.recipe import get_recipe
 
     z3 = _data(data_cache) + [f"model.pretrained={pretrained}", "trainer.strategy=deepspeed_stage_3"]
     assert zero3_deferred_load(load_config("tiny", z3))
-    assert zero3_deferred_load(load_config("adamoe", z3), adamoe)  # its build_module takes a model_factory
+    assert zero3_deferred_load(load_config("adamoe", z3), get_recipe("adamoe"))  # its module takes a model_factory
     assert not zero3_deferred_load(load_config("tiny", z3 + ["trainer.deepspeed.zero3_init=false"]))
     assert not zero3_deferred_load(load_config("tiny", z3 + ["routing_probe.enabled=true"]))
-    assert not zero3_deferred_load(load_config("openmoe", z3), openmoe)  # its build_module needs the model
+    assert not zero3_deferred_load(load_config("openmoe", z3), get_recipe("openmoe"))  # Recipe.zero3_deferred=False
     for other in ("trainer.strategy=deepspeed_stage_2", "trainer.strategy=ddp", "model.pretrained=null"):
         assert not zero3_deferred_load(load_config("tiny", z3 + [other]))
     with pytest.raises(ConfigError, match="zero3_init"):
         load_config("tiny", z3 + ["trainer.deepspeed.zero3_init=sometimes"])
     # the adamoe_finetune pipeline's train stage (Mixtral-8x7B + LoRA under ZeRO-3 in the README) takes it
     ft = load_config("adamoe_finetune", z3)
-    assert zero3_deferred_load(finetune.stage_config(ft, pretrained.parent / "ft_run"), adamoe)
+    assert zero3_deferred_load(finetune.stage_config(ft, pretrained.parent / "ft_run"), get_recipe("adamoe"))
 
 
 def test_deferred_module_gets_a_factory_and_other_builds_are_whole(pretrained, data_cache):
-    from recipes.train import build_datamodule, build_module
+    from recipes.engine.build import build_datamodule, build_module
 
     cfg = load_config("tiny", _data(data_cache) + [f"model.pretrained={pretrained}",
                                                     "trainer.strategy=deepspeed_stage_3"])
@@ -84,7 +83,7 @@ def test_deferred_module_gets_a_factory_and_other_builds_are_whole(pretrained, d
 @pytest.mark.parametrize("precision,dtype", [("bf16-true", torch.bfloat16), ("16-true", torch.float16),
                                              ("bf16-mixed", torch.float32), ("32-true", torch.float32)])
 def test_pretrained_loads_in_the_true_precision_dtype(pretrained, data_cache, precision, dtype):
-    from recipes.train import build_datamodule, build_module
+    from recipes.engine.build import build_datamodule, build_module
 
     cfg = load_config("tiny", _data(data_cache) + [f"model.pretrained={pretrained}",
                                                     f"trainer.precision={precision}"])
@@ -105,7 +104,7 @@ def test_block_by_block_retrofit_equals_one_retrofit_call(init):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from models.moe import moe_blocks, retrofit
-    from recipes.adamoe import _retrofit_partitioned
+    from recipes.adamoe.module import retrofit_partitioned
 
     def base():
         torch.manual_seed(0)
@@ -114,7 +113,7 @@ def test_block_by_block_retrofit_equals_one_retrofit_call(init):
                                                 num_local_experts=8, num_experts_per_tok=2)).eval()
 
     settings = dict(num_null_experts=6, top_k=4, null_gate_init=init, seed=7)
-    one, blocks = retrofit(base(), **settings), _retrofit_partitioned(base(), **settings)
+    one, blocks = retrofit(base(), **settings), retrofit_partitioned(base(), **settings)
     assert len(moe_blocks(blocks)) == 3 and blocks.config.adamoe == one.config.adamoe
     a, b = dict(one.named_parameters()), dict(blocks.named_parameters())
     assert set(a) == set(b) and any("null_gate" in n for n in a)
@@ -211,9 +210,9 @@ def test_adamoe_lora_retrofit_on_partitioned_model_follows_ddp(tmp_path, data_ca
     """AdaMoE retrofit (null gates copied from the router rows) + LoRA on the partitioned model: only the new
     parameters (null gates, adapters) are whole in a process, and the run, cut after step 0 and resumed (the
     model is built again, then the DeepSpeed checkpoint restored), follows the DDP run step by step."""
-    import recipes.adamoe as adamoe
     from models.factory import count_parameters
-    from recipes.train import build_datamodule, build_module
+    from recipes.engine.build import build_datamodule, build_module
+    from recipes.engine.recipe import get_recipe
 
     extra = [f"model.pretrained={pretrained}", "adamoe.lora_r=4", "adamoe.null_gate_init=copy",
              "adamoe.num_null_experts=4", "optim.lr=1e-2", "optim.warmup_steps=1"]
@@ -222,7 +221,8 @@ def test_adamoe_lora_retrofit_on_partitioned_model_follows_ddp(tmp_path, data_ca
               resume=True)
 
     cfg = load_config("adamoe", _data(data_cache) + extra)
-    whole = count_parameters(build_module(cfg, build_datamodule(cfg), adamoe).model)  # in one process, whole
+    # in one process, whole
+    whole = count_parameters(build_module(cfg, build_datamodule(cfg), get_recipe("adamoe")).model)
     base = sum(p.numel() for p in _loaded(pretrained).parameters())
     assert [s["rank"] for s in z3["stats"]] == [0, 1]  # (the resumed segment's lines)
     for s in z3["stats"]:

@@ -1,0 +1,189 @@
+"""The align stage: each source's top-k re-expressed in the pivot's vocabulary, at the pivot's positions.
+
+Per source, under align/<source>/:
+1. match-NNNNN   DTW over the two tokenisations of every block: pivot position -> the source position it is
+                 matched one-to-one with (-1: none).
+2. vocab_map-<kind>.npy   source id -> pivot id (-1: unmapped) by exact match, minimum edit distance or
+                 statistics over the aligned pairs (fusechat.vocab_map).
+3. dist-NNNNN    the source's top-k through the map at matched positions; elsewhere a one-hot on the pivot's
+                 gold next token.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from recipes.engine.pipeline import fingerprint
+from recipes.engine.runs import load_safetensors, save_safetensors_atomic
+
+from .common import (
+    LOGIT_DTYPES,
+    RepresentLayout,
+    discard_stale,
+    load_tokenizer,
+    model_dir,
+    progress,
+    rank_world,
+    read_layout,
+    represent_shards,
+    shard_name,
+    tokenizer_kind,
+)
+from .config import ALIGN_KEYS
+
+
+def vocab_list(tokenizer, width: int) -> List[Optional[str]]:
+    """Token strings by id, `width` long (ids past the tokenizer: None, never mapped)."""
+    tokens: List[Optional[str]] = [None] * width
+    for token, idx in tokenizer.get_vocab().items():
+        if 0 <= idx < width:
+            tokens[idx] = token
+    return tokens
+
+
+def one_to_one_alignment(n_src: int, n_tgt: int, tgt_to_src: np.ndarray):
+    """A TokenAlignment that carries only the one-to-one groups of a stored DTW result (all that
+    `align_distributions` reads)."""
+    from data.alignment import TokenAlignment
+
+    groups = tuple(((int(i),), (j,)) for j, i in enumerate(tgt_to_src) if i >= 0)
+    return TokenAlignment(n_src, n_tgt, (), groups, float("nan"))
+
+
+def _match_shards(cfg, layout: RepresentLayout, pivot_paths, src_paths, out_dir: Path, todo: Sequence[int],
+                  pivot_tok, src_tok, name: str) -> None:
+    """match-NNNNN of the shards `todo`: the whole shard through one batched DTW (the same paths as one call
+    per block, faster)."""
+    from data.alignment import align_token_sequences_batch
+
+    pivot_kind, src_kind = tokenizer_kind(pivot_tok), tokenizer_kind(src_tok)
+    bar = progress(sum(layout.shard_range(s)[1] - layout.shard_range(s)[0] for s in todo), f"align {name}",
+                   cfg.trainer.progress_bar)
+    for s in todo:
+        piv, src = load_safetensors(pivot_paths[s]), load_safetensors(src_paths[s])
+        matches = torch.full(piv["input_ids"].shape, -1, dtype=torch.int32)
+        pairs = []
+        for b in range(piv["input_ids"].shape[0]):
+            p_ids = piv["input_ids"][b][: int(piv["length"][b])].tolist()
+            s_ids = src["input_ids"][b][: int(src["length"][b])].tolist()
+            pairs.append((src_tok.convert_ids_to_tokens(s_ids), pivot_tok.convert_ids_to_tokens(p_ids)))
+        for b, alignment in enumerate(align_token_sequences_batch(pairs, src_kind, pivot_kind,
+                                                                  band=cfg.fusechat.dtw_band)):
+            matches[b, : alignment.n_tgt] = torch.from_numpy(alignment.tgt_to_src_one_to_one()).int()
+        bar.update(len(pairs))
+        save_safetensors_atomic(out_dir / shard_name("match", s), {"tgt_to_src": matches})
+    bar.close()
+
+
+def _vocab_map(cfg, layout: RepresentLayout, pivot_paths, src_paths, match_paths, pivot_tok, src_tok) -> np.ndarray:
+    """Source id -> pivot id (-1: unmapped) by fusechat.vocab_map, `len(src_tok)` long."""
+    from data.alignment import vocab_map_exact, vocab_map_min_ed, vocab_map_statistics
+
+    fc = cfg.fusechat
+    pivot_kind, src_kind = tokenizer_kind(pivot_tok), tokenizer_kind(src_tok)
+    src_vocab = vocab_list(src_tok, len(src_tok))
+    piv_vocab = vocab_list(pivot_tok, len(pivot_tok))
+    if fc.vocab_map == "exact":
+        return vocab_map_exact(src_vocab, piv_vocab, src_kind, pivot_kind)
+    if fc.vocab_map == "min_ed":
+        return vocab_map_min_ed(src_vocab, piv_vocab, src_kind, pivot_kind)
+
+    def corpus() -> Iterator[Tuple[List[int], List[int], Any]]:
+        for s in range(layout.num_shards):
+            piv, src = load_safetensors(pivot_paths[s]), load_safetensors(src_paths[s])
+            match = load_safetensors(match_paths[s])
+            for b in range(piv["input_ids"].shape[0]):
+                n_p, n_s = int(piv["length"][b]), int(src["length"][b])
+                yield (src["input_ids"][b][:n_s].tolist(), piv["input_ids"][b][:n_p].tolist(),
+                       one_to_one_alignment(n_s, n_p, match["tgt_to_src"][b][:n_p].numpy()))
+
+    return vocab_map_statistics(corpus(), src_vocab, piv_vocab, src_kind, pivot_kind, min_count=fc.ms_min_count)
+
+
+def _dist_shards(cfg, pivot_paths, src_paths, match_paths, vmap: np.ndarray, out_dir: Path,
+                 todo: Sequence[int]) -> Tuple[int, int]:
+    """dist-NNNNN of the shards `todo`; returns (pivot positions matched one-to-one, pivot positions)."""
+    from data.alignment import align_distributions
+
+    fc = cfg.fusechat
+    matched = total = 0
+    for s in todo:
+        piv, src, match = (load_safetensors(pivot_paths[s]), load_safetensors(src_paths[s]),
+                           load_safetensors(match_paths[s]))
+        n, width = piv["input_ids"].shape
+        ids = torch.full((n, width, fc.topk), -1, dtype=torch.int32)
+        logits = torch.full((n, width, fc.topk), float("-inf"), dtype=torch.float32)
+        for b in range(n):
+            n_p, n_s = int(piv["length"][b]), int(src["length"][b])
+            tgt_to_src = match["tgt_to_src"][b][:n_p].numpy()
+            matched += int((tgt_to_src >= 0).sum())
+            total += n_p
+            out_ids, out_logits = align_distributions(
+                src["topk_ids"][b][:n_s].numpy(), src["topk_logits"][b][:n_s].float().numpy(),
+                one_to_one_alignment(n_s, n_p, tgt_to_src), vmap, piv["input_ids"][b][:n_p].numpy(), fc.topk)
+            ids[b, :n_p] = torch.from_numpy(out_ids).int()
+            logits[b, :n_p] = torch.from_numpy(out_logits)
+        save_safetensors_atomic(out_dir / shard_name("dist", s),
+                                {"topk_ids": ids, "topk_logits": logits.to(LOGIT_DTYPES[fc.logits_dtype])})
+    return matched, total
+
+
+def align_source(cfg, run_dir: Path, layout: RepresentLayout, entry, pivot_tok) -> Dict[str, Any]:
+    """All three steps for one source (each resuming the shards it has not finished)."""
+    fc = cfg.fusechat
+    rank, world = rank_world()
+    out_dir = Path(run_dir) / "align" / entry.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pivot_paths = represent_shards(run_dir, fc.pivot.name, layout)
+    src_paths = represent_shards(run_dir, entry.name, layout)
+    src_tok = load_tokenizer(entry, model_dir(cfg, run_dir, entry))
+    todo = [s for s in range(layout.num_shards)
+            if s % world == rank and not (out_dir / shard_name("match", s)).exists()]
+    _match_shards(cfg, layout, pivot_paths, src_paths, out_dir, todo, pivot_tok, src_tok, entry.name)
+    match_paths = [out_dir / shard_name("match", s) for s in range(layout.num_shards)]
+    if any(not p.exists() for p in match_paths):  # another rank's share is still running
+        return {"complete": False}
+    stats: Dict[str, Any] = {}
+    map_path = out_dir / f"vocab_map-{fc.vocab_map}.npy"
+    src_width = len(src_tok)  # represent keeps top-k ids below the tokenizer's size
+    if not map_path.exists():
+        t0 = time.perf_counter()
+        vmap = _vocab_map(cfg, layout, pivot_paths, src_paths, match_paths, pivot_tok, src_tok)
+        vmap = np.concatenate([vmap, np.full(max(0, src_width - len(vmap)), -1, dtype=np.int64)])
+        tmp = map_path.with_name(map_path.name + f".tmp{os.getpid()}.npy")
+        np.save(tmp, vmap)
+        os.replace(tmp, map_path)
+        stats["vocab_map_seconds"] = time.perf_counter() - t0
+    vmap = np.load(map_path)
+    if len(vmap) < src_width:
+        vmap = np.concatenate([vmap, np.full(src_width - len(vmap), -1, dtype=np.int64)])
+    todo = [s for s in range(layout.num_shards)
+            if s % world == rank and not (out_dir / shard_name("dist", s)).exists()]
+    matched, total = _dist_shards(cfg, pivot_paths, src_paths, match_paths, vmap, out_dir, todo)
+    complete = all((out_dir / shard_name("dist", s)).exists() for s in range(layout.num_shards))
+    stats.update(complete=complete, shards_computed=len(todo),
+                 vocab_mapped_fraction=float((vmap[:src_width] >= 0).mean()))
+    if total:
+        stats["one_to_one_fraction"] = matched / total
+    return stats
+
+
+def align_stage(cfg, run_dir: Path, results: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+    """DTW token alignment, vocabulary map and distribution alignment onto the pivot vocabulary."""
+    fc = cfg.fusechat
+    t0 = time.perf_counter()
+    layout = read_layout(run_dir)
+    discard_stale(run_dir, "align", fingerprint(cfg, ALIGN_KEYS), [Path(run_dir) / "align"])
+    pivot_tok = load_tokenizer(fc.pivot, model_dir(cfg, run_dir, fc.pivot))
+    stats: Dict[str, Any] = {e.name: align_source(cfg, run_dir, layout, e, pivot_tok) for e in fc.sources}
+    if not all(s["complete"] for s in stats.values()):  # other ranks' shares: the next run finds them
+        print(f"[fusechat] align: rank {rank_world()[0]} finished its shards; run the stage again once all ranks "
+              "have.", flush=True)
+        return None
+    stats["seconds"] = time.perf_counter() - t0
+    return {"align": stats}

@@ -1,0 +1,476 @@
+"""`make analyze RUN=<run_dir> [ARGS="key=value ..."]`: OpenMoE routing analysis of every checkpoint of a run.
+
+    python -m recipes analyze runs/openmoe/<run_id> [max_blocks=0] [batch_size=32] [position_buckets=8]
+                              [min_token_count=5] [capacity_factor=2.0] [wandb=true] [top_n=10]
+
+For every saved checkpoint (checkpoints/step*.ckpt, last.ckpt; one per global step) the model of the run
+(config.yaml: same architecture and recipe `prepare_model`) gets the checkpoint's weights and, in eval
+mode, reads the embedded multi-domain VALIDATION blocks (all of them by default; `max_blocks=N` takes
+an equal share per domain) with a `models.routing_probe.RoutingProbe` attached.
+
+Capacity convention (stated in report.json under "capacity"): OpenMoE's evaluation factor 2.0. Blocks that
+apply a capacity themselves report their real drops in eval mode (the `openmoe` model: C = ceil(2.0 * S * k
+/ E) per expert per sequence of S tokens, position order). For dropless blocks (Mixtral/Qwen2-MoE/OLMoE,
+AdaMoE without capacity) the probe computes the drops factor `capacity_factor` would cause over each forward
+batch of T tokens, C = ceil(cf * T * k / E), earlier positions first.
+
+Writes <run_dir>/analysis/report.json: per checkpoint and MoE layer
+  specialisation: modal-expert share by token id / position / domain (+ the same statistic for uniformly
+    random routing of the same tokens), per-group std of expert-ratio vectors vs the uniform reference;
+  top tokens per expert (decoded); drop rate by position bucket, per assignment and per token; expert
+  co-activation P(b|a); load min/max/std and max/ideal; saturation = top-1 agreement and top-k overlap of
+  the checkpoint's routing with the FINAL checkpoint's on the same tokens.
+and PNG figures in <run_dir>/analysis/, logged (with the headline scalars) to the run's W&B run (same id,
+resumed; offline unless logged in; skipped with a warning when W&B is unavailable).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from recipes.engine.errors import ConfigError
+
+
+@dataclass
+class AnalyzeConfig:
+    """The options of `make analyze RUN=<run_dir> ARGS="key=value ..."`."""
+    max_blocks: int = 0  # 0: every validation block; N: an equal share per domain
+    batch_size: int = 32
+    position_buckets: int = 8
+    min_token_count: int = 5  # token ids seen fewer times are left out of specialisation
+    capacity_factor: Optional[float] = 2.0  # dropless models: the drops this factor would cause
+    top_n: int = 10  # top tokens listed per expert
+    wandb: bool = True
+    seed: int = 0
+
+
+class AnalysisError(ConfigError):
+    """A run directory that cannot be analysed (no checkpoints, not an MoE, ...)."""
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+
+def parse_options(args: Sequence[str]) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from recipes.engine.config import load_options
+
+    try:
+        opts: Dict[str, Any] = OmegaConf.to_container(load_options(AnalyzeConfig, list(args), "the analyze options"))
+    except ConfigError as e:
+        raise AnalysisError(str(e)) from None
+    for key in ("batch_size", "position_buckets", "min_token_count", "top_n"):
+        if opts[key] < 1:
+            raise AnalysisError(f"option {key} must be >= 1, got {opts[key]}.")
+    if opts["max_blocks"] < 0:
+        raise AnalysisError(f"option max_blocks must be >= 0, got {opts['max_blocks']}.")
+    if opts["capacity_factor"] is not None and opts["capacity_factor"] <= 0:
+        raise AnalysisError(f"option capacity_factor must be > 0 or null, got {opts['capacity_factor']}.")
+    return opts
+
+
+def run_checkpoints(run_dir: Path) -> List[Tuple[int, Path]]:
+    """(global step, path) of every readable checkpoint, one per step (a step file is preferred to
+    last.ckpt at the same step), sorted by step."""
+    from recipes.engine.checkpointing import checkpoint_kind, checkpoint_step, list_checkpoints
+
+    by_step: Dict[int, Path] = {}
+    for path in list_checkpoints(run_dir):
+        if checkpoint_kind(path) != "file":
+            raise AnalysisError(f"{path} is a sharded ({checkpoint_kind(path)}) checkpoint; analyze reads "
+                                "single-file Lightning checkpoints (train with the default strategy, or convert).")
+        step = checkpoint_step(path)
+        if step is None:
+            continue
+        if step not in by_step or by_step[step].name == "last.ckpt":
+            by_step[step] = path
+    return sorted(by_step.items())
+
+
+def validation_blocks(dm, max_blocks: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [N, S], domain [N]): all validation blocks, or `max_blocks` spread evenly over the domains."""
+    import numpy as np
+
+    blocks = np.asarray(dm.val_set.blocks)
+    domains = np.asarray(dm.val_set.domains)
+    index = np.arange(len(blocks))
+    if max_blocks and max_blocks < len(blocks):
+        rng = np.random.default_rng(seed)
+        per_domain = max(1, max_blocks // max(1, len(np.unique(domains))))
+        chosen = []
+        for d in np.unique(domains):
+            idx = index[domains == d]
+            chosen.append(np.sort(rng.choice(idx, size=min(per_domain, len(idx)), replace=False)))
+        index = np.concatenate(chosen)
+    return torch.from_numpy(blocks[index].astype(np.int64)), torch.from_numpy(domains[index].astype(np.int64))
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """The LightningModule's `model.*` weights of a Lightning checkpoint into `model` (strict)."""
+    from recipes.engine.checkpointing import load_checkpoint_file
+
+    state = load_checkpoint_file(ckpt)["state_dict"]
+    prefix = "model."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise AnalysisError(f"{ckpt} holds no 'model.*' weights (keys: {list(state)[:5]}...)")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {"lm.lm_head.weight", "lm_head.weight"}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise AnalysisError(f"{ckpt} does not match the run's model: missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}")
+
+
+# ----------------------------------------------------------------------------------------- analysis
+
+
+def uniform_reference(token_ids: torch.Tensor, positions: torch.Tensor, domains: Optional[torch.Tensor],
+                      num_experts: int, top_k: int, vocab_size: int, num_positions: int, num_domains: int,
+                      min_token_count: int, seed: int) -> Dict[str, float]:
+    """Modal-expert share of uniformly random routing (k distinct experts per token, uniform) over the SAME
+    tokens: the floor that 'specialisation' must be compared with (it is > 1/E for finite groups)."""
+    from models import routing_probe as rp
+
+    g = torch.Generator().manual_seed(seed)
+    experts = torch.rand(token_ids.numel(), num_experts, generator=g).topk(top_k, dim=-1).indices
+    out = {}
+    for name, keys, size, min_count in (("token_id", token_ids, vocab_size, min_token_count),
+                                        ("position", positions, num_positions, 1),
+                                        ("domain", domains, num_domains, 1)):
+        if keys is None:
+            continue
+        counts = torch.zeros(size, num_experts, dtype=torch.float64)
+        counts.index_put_((keys[:, None].expand_as(experts).reshape(-1), experts.reshape(-1)),
+                          torch.ones(experts.numel(), dtype=torch.float64), accumulate=True)
+        out[name] = float(rp.token_id_specialisation(counts, min_count, top_k=top_k))
+    return out
+
+
+def _f(x: Any) -> Any:
+    """JSON-friendly: tensors to lists, NaN to None."""
+    if hasattr(x, "tolist"):
+        x = x.tolist()
+    if isinstance(x, float):
+        return None if math.isnan(x) or math.isinf(x) else x
+    if isinstance(x, dict):
+        return {str(k): _f(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_f(v) for v in x]
+    return x
+
+
+def checkpoint_report(stats, tokenizer, opts: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Per probed layer: `models.routing_probe.analysis_report` (specialisation and std vs uniform by token
+    id / position / domain, top tokens per expert (decoded), drop rate by position bucket, co-activation
+    P(b|a), load statistics) plus the load shares overall and per domain."""
+    from models import routing_probe as rp
+
+    layers = rp.analysis_report(stats, tokenizer, min_token_count=opts["min_token_count"],
+                                top_n=opts["top_n"])["layers"]
+    for layer in stats.layers:
+        entry = layers[layer.name]
+        entry["load_share"] = _f(layer.load / layer.load.sum().clamp_min(1))
+        if layer.counts_by_domain is not None:
+            by_domain = layer.counts_by_domain / layer.counts_by_domain.sum(dim=1, keepdim=True).clamp_min(1)
+            entry["load_share_by_domain"] = _f(by_domain)
+    return layers
+
+
+@torch.no_grad()
+def probe_checkpoint(model: torch.nn.Module, input_ids: torch.Tensor, domains: torch.Tensor, domain_names,
+                     opts: Dict[str, Any], vocab_size: int):
+    """Run the blocks through `model` with a probe: (stats, layers, experts per layer [N*S, k] int16,
+    token ids [N*S], positions [N*S])."""
+    from models.routing_probe import RoutingProbe
+
+    model.eval()
+    probe = RoutingProbe(model, capacity_factor=opts["capacity_factor"], priority="position",
+                         position_buckets=opts["position_buckets"], max_positions=int(input_ids.shape[1]),
+                         min_token_count=opts["min_token_count"], vocab_size=vocab_size)
+    experts: List[List[torch.Tensor]] = []
+    tokens, positions = [], []
+    with probe:
+        for start in range(0, input_ids.shape[0], opts["batch_size"]):
+            ids = input_ids[start:start + opts["batch_size"]]
+            probe.set_domains(domains[start:start + opts["batch_size"]], list(domain_names))
+            model(input_ids=ids)
+            if not experts:
+                experts = [[] for _ in probe.last]
+            for j, rec in enumerate(probe.last):
+                experts[j].append(rec.experts.to(torch.int16).cpu())
+            tokens.append(probe.last[0].token_ids.cpu())
+            positions.append(probe.last[0].positions.cpu())
+        layers = list(probe.layers)
+    return probe.stats, layers, [torch.cat(e) for e in experts], torch.cat(tokens), torch.cat(positions)
+
+
+def analyze(run_dir: Path | str, options: Optional[Sequence[str]] = None, progress: bool = True,
+            figures: bool = True) -> Dict[str, Any]:
+    """Analyse every checkpoint of `run_dir`; returns the report (also written to analysis/report.json)."""
+    from tqdm.auto import tqdm
+
+    from models import routing_probe as rp
+    from recipes.engine.build import build_datamodule, prepared_model
+    from recipes.engine.recipe import get_recipe
+    from recipes.engine.runs import load_run
+
+    opts = parse_options(list(options or []))
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AnalysisError(f"run directory {run_dir} does not exist.")
+    try:
+        cfg = load_run(run_dir)
+    except ConfigError as e:
+        raise AnalysisError(str(e)) from None
+    recipe = cfg.run.name
+    checkpoints = run_checkpoints(run_dir)
+    if not checkpoints:
+        raise AnalysisError(f"{run_dir} has no readable checkpoint (checkpoints/*.ckpt): nothing to analyse. "
+                            "Train with checkpoint.every_n_steps=<n> checkpoint.keep=-1 to keep every one.")
+    dm = build_datamodule(cfg)
+    model = prepared_model(cfg, dm, get_recipe(recipe))
+    try:
+        rp.RoutingProbe(model).attach().detach()
+    except ValueError as e:
+        raise AnalysisError(f"{run_dir} (recipe {recipe}, model.arch={cfg.model.arch}) "
+                            f"is not an MoE run: {e}") from None
+
+    input_ids, domains = validation_blocks(dm, opts["max_blocks"], opts["seed"])
+    vocab_size = int(model.get_input_embeddings().weight.shape[0])
+    out_dir = run_dir / "analysis"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    per_ckpt: List[Dict[str, Any]] = []
+    routed: List[List[torch.Tensor]] = []
+    t0 = time.perf_counter()
+    tokens = positions = None
+    layers: List[str] = []
+    bar = tqdm(checkpoints, desc="analyze checkpoints", unit="ckpt", disable=not progress, file=sys.stderr)
+    for step, path in bar:
+        bar.set_postfix(step=step)
+        load_weights(model, path)
+        stats, layers, experts, tokens, positions = probe_checkpoint(model, input_ids, domains, dm.domain_names,
+                                                                    opts, vocab_size)
+        routed.append(experts)
+        per_ckpt.append({"step": int(step), "checkpoint": path.name,
+                         "layers": checkpoint_report(stats, dm.tokenizer, opts)})
+    elapsed = time.perf_counter() - t0
+    n_tokens = int(input_ids.numel())
+
+    final = routed[-1]
+    for entry, experts in zip(per_ckpt, routed):
+        for i, name in enumerate(layers):
+            entry["layers"][name]["saturation_vs_final"] = _f(rp.router_saturation(experts[i].long(), final[i].long()))
+
+    num_experts = int(per_ckpt[-1]["layers"][layers[0]]["coactivation"].__len__())
+    top_k = int(final[0].shape[1])
+    uniform = uniform_reference(tokens, positions, domains.repeat_interleave(input_ids.shape[1]), num_experts, top_k,
+                                vocab_size, int(input_ids.shape[1]), max(1, len(dm.domain_names)),
+                                opts["min_token_count"], opts["seed"])
+    report = {
+        "run_dir": str(run_dir), "recipe": recipe, "model_arch": cfg.model.arch,
+        "capacity": _capacity_statement(model, opts),
+        "data": {"split": "validation", "blocks": int(input_ids.shape[0]), "block_size": int(input_ids.shape[1]),
+                 "tokens": n_tokens, "domains": list(dm.domain_names),
+                 "blocks_per_domain": {n: int((domains == i).sum()) for i, n in enumerate(dm.domain_names)}},
+        "options": opts, "layers": layers, "num_experts": num_experts, "top_k": top_k,
+        "uniform_routing_specialisation": uniform,
+        "saturation_chance": {"top1_agreement": 1.0 / num_experts, "topk_overlap": top_k / num_experts},
+        "checkpoints": per_ckpt,
+        "summary": _summary(per_ckpt, layers, uniform),
+        "throughput": {"checkpoints": len(per_ckpt), "seconds": elapsed,
+                       "tokens_per_s": n_tokens * len(per_ckpt) / max(elapsed, 1e-9)},
+    }
+    _write_json(out_dir / "report.json", report)
+    paths = write_figures(report, out_dir) if figures else {}
+    report["figures"] = {k: str(v) for k, v in paths.items()}
+    _write_json(out_dir / "report.json", report)
+    if opts["wandb"]:
+        log_to_wandb(run_dir, cfg, report, paths)
+    return report
+
+
+def _capacity_statement(model: torch.nn.Module, opts: Dict[str, Any]) -> Dict[str, Any]:
+    from models.moe import moe_blocks
+
+    own = [b for b in moe_blocks(model) if getattr(b, "eval_capacity_factor", None) is not None
+           or getattr(b, "capacity_factor", None) is not None]
+    if own:
+        b = own[0]
+        cf = getattr(b, "eval_capacity_factor", b.capacity_factor)
+        group = getattr(b, "capacity_group", "batch")
+        unit = "S tokens of each sequence" if group == "sequence" else "T tokens of each forward batch"
+        return {"source": "the model's own capacity in eval mode", "capacity_factor": cf, "group": group,
+                "formula": f"C = ceil({cf} * n * k / E) per expert, n = the {unit}; position order "
+                           "(position, then slot); a token counts as dropped when all its k assignments are"}
+    cf = opts["capacity_factor"]
+    if cf is None:
+        return {"source": "dropless model, no capacity_factor given: no drops", "capacity_factor": None}
+    return {"source": "computed by the probe for a dropless model", "capacity_factor": cf, "group": "batch",
+            "formula": f"C = ceil({cf} * T * k / E) per expert, T = real tokens of each forward batch "
+                       f"(batch_size={opts['batch_size']} blocks); "
+                       "position priority (position, then batch row, then slot)"}
+
+
+def _summary(per_ckpt: List[Dict[str, Any]], layers: List[str], uniform: Dict[str, float]) -> Dict[str, Any]:
+    def mean(values):
+        vals = [v for v in values if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    final = per_ckpt[-1]["layers"]
+    spec = {g: mean(final[n]["specialisation"].get(g) for n in layers) for g in ("token_id", "position", "domain")}
+    drop = {n: final[n]["drop_rate_by_position"] for n in layers}
+    first_bucket = mean(d["per_assignment"][0] for d in drop.values())
+    last_bucket = mean(d["per_assignment"][-1] for d in drop.values())
+    return {
+        "final_step": per_ckpt[-1]["step"],
+        "specialisation_final": spec,
+        "specialisation_uniform": uniform,
+        "saturation_top1_by_step": {str(c["step"]): mean(c["layers"][n]["saturation_vs_final"]["top1_agreement"]
+                                                         for n in layers) for c in per_ckpt},
+        "saturation_topk_by_step": {str(c["step"]): mean(c["layers"][n]["saturation_vs_final"]["topk_overlap"]
+                                                         for n in layers) for c in per_ckpt},
+        "drop_rate_first_bucket": first_bucket,
+        "drop_rate_last_bucket": last_bucket,
+        "load_max_over_ideal_final": max(final[n]["load"]["max_over_ideal"] for n in layers),
+    }
+
+
+def _write_json(path: Path, data: Dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_f(data), indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------- figures
+
+
+def write_figures(report: Dict[str, Any], out_dir: Path) -> Dict[str, Path]:
+    from models.routing_probe import plots
+
+    layers = report["layers"]
+    names = [plots.short_layer_name(n) for n in layers]
+    final = report["checkpoints"][-1]
+    steps = [c["step"] for c in report["checkpoints"]]
+    uniform = report["uniform_routing_specialisation"]
+    paths: Dict[str, Path] = {}
+    load = [final["layers"][n]["load_share"] for n in layers]
+    paths["load_heatmap"] = plots.save_png(plots.load_heatmap(load, names, title=f"Expert load, step {final['step']}"),
+                                           out_dir / "load_heatmap.png")
+    curves = {name: final["layers"][n]["drop_rate_by_position"] for name, n in zip(names, layers)}
+    cf = report["capacity"].get("capacity_factor")
+    paths["drop_rate"] = plots.save_png(
+        plots.drop_rate_plot(curves, title=f"Drop rate by position (capacity factor {cf}), step {final['step']}"),
+        out_dir / "drop_rate.png")
+    groups = [g for g in ("token_id", "position", "domain") if g in final["layers"][layers[0]]["specialisation"]]
+    values = {g.replace("_", " "): [final["layers"][n]["specialisation"][g] or 0.0 for n in layers] for g in groups}
+    ref = {g.replace("_", " "): [uniform.get(g, 0.0)] * len(layers) for g in groups}
+    paths["specialisation"] = plots.save_png(
+        plots.specialisation_bars(values, names, ref, title=f"Modal-expert share by group, step {final['step']}"),
+        out_dir / "specialisation.png")
+    std_vals = {g.replace("_", " "): [final["layers"][n]["std_vs_uniform"][g]["mean_std"] for n in layers]
+                for g in groups}
+    std_ref = {g.replace("_", " "): [final["layers"][n]["std_vs_uniform"][g]["uniform_std"] for n in layers]
+               for g in groups}
+    paths["std_vs_uniform"] = plots.save_png(
+        plots.std_vs_uniform_bars(std_vals, std_ref, names, title="Per-group std of expert ratios vs uniform"),
+        out_dir / "std_vs_uniform.png")
+    top1 = {name: [c["layers"][n]["saturation_vs_final"]["top1_agreement"] for c in report["checkpoints"]]
+            for name, n in zip(names, layers)}
+    topk = {name: [c["layers"][n]["saturation_vs_final"]["topk_overlap"] for c in report["checkpoints"]]
+            for name, n in zip(names, layers)}
+    chance = report["saturation_chance"]
+    paths["saturation"] = plots.save_png(
+        plots.saturation_plot(steps, top1, topk, chance["top1_agreement"], chance["topk_overlap"]),
+        out_dir / "saturation.png")
+    paths["coactivation"] = plots.save_png(
+        plots.coactivation_heatmap(final["layers"][layers[-1]]["coactivation"],
+                                   title=f"Co-activation P(b | a), {plots.short_layer_name(layers[-1])}, "
+                                         f"step {final['step']}"),
+        out_dir / "coactivation.png")
+    series = {}
+    for name, n in zip(names, layers):
+        series[f"{name} token id"] = [c["layers"][n]["specialisation"]["token_id"] or 0.0
+                                      for c in report["checkpoints"]]
+        series[f"{name} position"] = [c["layers"][n]["specialisation"]["position"] or 0.0
+                                      for c in report["checkpoints"]]
+    paths["specialisation_over_steps"] = plots.save_png(
+        plots.metric_over_steps(steps, series, "mean share to the modal expert", "Specialisation over checkpoints",
+                                reference={"uniform routing, token id": uniform.get("token_id", 0.0),
+                                           "uniform routing, position": uniform.get("position", 0.0)}),
+        out_dir / "specialisation_over_steps.png")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------- W&B
+
+
+def log_to_wandb(run_dir: Path, cfg, report: Dict[str, Any], paths: Dict[str, Path]) -> bool:
+    """Log figures and headline scalars into the run's own W&B run (resumed by id). Never raises."""
+    from recipes.engine.logs import wandb_mode
+    from recipes.engine.runs import wandb_id_for
+
+    mode = wandb_mode(cfg.logging.wandb)
+    if mode is None:
+        return False
+    try:
+        import wandb
+
+        run = wandb.init(project=cfg.logging.project, entity=cfg.logging.entity, id=wandb_id_for(run_dir),
+                         resume="allow", dir=str(run_dir), mode=mode, reinit="finish_previous",
+                         settings=wandb.Settings(init_timeout=60, silent=True, console="off"))
+        try:
+            summary = report["summary"]
+            payload: Dict[str, Any] = {f"analysis/{k}": wandb.Image(str(v)) for k, v in paths.items()}
+            for g, v in summary["specialisation_final"].items():
+                if v is not None:
+                    payload[f"analysis/specialisation_{g}"] = v
+            payload["analysis/drop_rate_first_bucket"] = summary["drop_rate_first_bucket"]
+            payload["analysis/drop_rate_last_bucket"] = summary["drop_rate_last_bucket"]
+            rows = [[int(s), summary["saturation_top1_by_step"][s], summary["saturation_topk_by_step"][s]]
+                    for s in summary["saturation_top1_by_step"]]
+            payload["analysis/saturation_table"] = wandb.Table(columns=["step", "top1_agreement", "topk_overlap"],
+                                                               data=rows)
+            run.log(payload)
+            run.summary.update({k: v for k, v in payload.items() if isinstance(v, (int, float))})
+        finally:
+            run.finish()
+        return True
+    except Exception as e:  # W&B must never make the analysis fail
+        warnings.warn(f"analysis not logged to W&B ({type(e).__name__}: {e}); files are in {run_dir}/analysis")
+        return False
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recipes analyze", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("options", nargs="*",
+                        help=f"key=value; keys: {', '.join(f.name for f in fields(AnalyzeConfig))}")
+    args = parser.parse_args(argv)
+    try:
+        report = analyze(args.run_dir, args.options)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = report["summary"]
+    print(json.dumps(_f({"specialisation_final": s["specialisation_final"],
+                         "specialisation_uniform": s["specialisation_uniform"],
+                         "saturation_top1_by_step": s["saturation_top1_by_step"],
+                         "drop_rate_first_bucket": s["drop_rate_first_bucket"],
+                         "drop_rate_last_bucket": s["drop_rate_last_bucket"],
+                         "tokens_per_s": report["throughput"]["tokens_per_s"]}), indent=1))
+    print(f"report: {Path(args.run_dir) / 'analysis' / 'report.json'}")
+    return 0
+
