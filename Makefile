@@ -10,7 +10,7 @@ RUN ?=
 export WANDB_SILENT ?= true
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train resume show list analyze fuse export bench test test-slow lint slurm sweep sync clean
+.PHONY: help setup train resume show list analyze fuse export bench test test-slow lint slurm sweep sync dashboard report data plan clean
 
 help:
 	@echo "make train RECIPE=<name> [ARGS='key=value ...']   train a recipe (no RECIPE: list them, run tiny)"
@@ -106,7 +106,22 @@ else
 endif
 
 sync: $(STAMP)
-	$(PY) -m recipes sync runs
+	$(PY) -m recipes sync $(RUN)
+
+dashboard: $(STAMP)
+	@test -n "$(RECIPE)" || { echo "usage: make dashboard RECIPE=<name> [PROJECT=<wandb project>] [ARGS=...]"; exit 2; }
+	$(PY) -m recipes dashboard $(RECIPE) $(if $(PROJECT),--project $(PROJECT)) $(ARGS)
+
+report: $(STAMP)
+	@test -n "$(RUN)" || { echo "usage: make report RUN=<run_dir>"; exit 2; }
+	$(PY) -m recipes report $(RUN) $(ARGS)
+
+data: $(STAMP)
+	$(PY) -m recipes data $(or $(RECIPE),tiny) $(ARGS)
+
+plan: $(STAMP)
+	@test -n "$(RECIPE)" || { echo "usage: make plan RECIPE=<name> NODES=<n> GPUS=<g> [ARGS=...]"; exit 2; }
+	$(PY) -m recipes plan $(RECIPE) --nodes $(NODES) --gpus $(GPUS) $(ARGS)
 
 clean:
 	rm -rf runs .cache .pytest_cache bench/tmp

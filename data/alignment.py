@@ -7,11 +7,29 @@ vocabulary. Three pieces:
 1. Token alignment (`align_token_sequences`): dynamic time warping (DTW) over the two token
    sequences with cost = edit distance between the tokens' strings after normalisation
    (`normalize_token`: space markers stripped, byte-fallback pieces decoded). The DTW path is cut
-   into many-to-many groups; a group with one token on each side is a one-to-one match.
+   into many-to-many groups. Which pivot positions are "one-to-one" (take the source's
+   distribution): `one_to_one_matches`.
 2. Vocabulary maps from the source vocabulary to the pivot vocabulary: exact match (EM), minimum
    edit distance (MinED) and statistics over aligned pairs (MS).
 3. Distribution alignment (`align_distributions`): at one-to-one pivot positions the source's
    top-k ids go through the vocabulary map; elsewhere a one-hot on the pivot's gold next token.
+
+Each choice where this module differs from the official FuseChat code is an option, and "paper"
+selects the official behaviour (`ALIGN_PRESETS`; the official code is FuseChat's
+train/align_token_and_vocab.py):
+
+* cost (`ALIGN_COSTS`): "paper" = plain edit distance between the two token strings;
+  "containment_discount" = edit distance x 0.1 when one string contains the other (ours: the
+  official code uses that discount only in its statistics-based vocabulary map, not in the DTW).
+* ties of the DTW backtrack (`TIE_ORDERS`): "paper" = diagonal, then the pivot step, then the
+  source step (the official argmin order); "source_first" = diagonal, then the source step.
+* one-to-one (`ONE_TO_ONE`): which pivot positions take a source position's distribution. "paper" =
+  the first source token on the path with the position whose text ends with the pivot token's text
+  or the reverse (the official distribution alignment); "group" = a DTW group with one token on
+  each side.
+* MS rule (`MS_RULES`): "paper" = count every (source, pivot) pair on the DTW path, map each source
+  token to the co-aligned pivot token of least discounted edit distance x sigmoid(count), exact
+  matches first; "ours" = count the one-to-one pairs, map to the largest count / (1 + edit distance).
 
 Edit distances come from rapidfuzz (C++), once per pair of distinct token strings; the DTW
 recursion is numpy, vectorised over anti-diagonals and over a batch of sequences
@@ -22,6 +40,7 @@ tests: paths and costs are identical, bit for bit.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -44,6 +63,25 @@ _SPECIAL_LIKE = re.compile(r"^<\|?/?[A-Za-z_][^<>\s]*\|?>$")
 
 Vocab = Union[Mapping[str, int], Sequence[str]]
 Group = Tuple[Tuple[int, ...], Tuple[int, ...]]
+
+# The alignment choices (module docstring); "paper" is the official FuseChat code's in each.
+ALIGN_COSTS = ("paper", "containment_discount")
+TIE_ORDERS = ("paper", "source_first")
+ONE_TO_ONE = ("paper", "group")
+MS_RULES = ("paper", "ours")
+ALIGN_PRESETS: Dict[str, Dict[str, str]] = {
+    "paper": {"cost": "paper", "ties": "paper", "one_to_one": "paper", "ms_rule": "paper"},
+    "ours": {"cost": "containment_discount", "ties": "source_first", "one_to_one": "group", "ms_rule": "ours"},
+}
+CONTAINMENT_DISCOUNT = 0.1  # the weight of a pair whose strings contain one another ("containment_discount")
+
+
+def substring_weight_of(cost: str) -> float:
+    """The `substring_weight` of an `ALIGN_COSTS` name: 1.0 for "paper" (plain edit distance), 0.1 for
+    "containment_discount"."""
+    if cost not in ALIGN_COSTS:
+        raise ValueError(f"Unknown alignment cost {cost!r}: expected one of {ALIGN_COSTS}.")
+    return 1.0 if cost == "paper" else CONTAINMENT_DISCOUNT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,6 +200,25 @@ class TokenAlignment:
         """Fraction of target positions matched one-to-one (0 for an empty target)."""
         return len(self.one_to_one_pairs()) / self.n_tgt if self.n_tgt else 0.0
 
+    def tgt_src_ranges(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(first, last): per target position the first and last source position on the path with it.
+        A monotone path is exactly these ranges (`alignment_from_ranges` rebuilds it)."""
+        first = np.full(self.n_tgt, -1, dtype=np.int64)
+        last = np.full(self.n_tgt, -1, dtype=np.int64)
+        for i, j in self.path:
+            if first[j] < 0:
+                first[j] = i
+            last[j] = i
+        return first, last
+
+
+def alignment_from_ranges(n_src: int, n_tgt: int, first: Sequence[int], last: Sequence[int],
+                          cost: float = float("nan")) -> TokenAlignment:
+    """The TokenAlignment whose path holds, per target position j, the source positions first[j]..last[j]
+    (`TokenAlignment.tgt_src_ranges`): what the align stage stores instead of the whole path."""
+    path = [(i, j) for j in range(n_tgt) for i in range(int(first[j]), int(last[j]) + 1)]
+    return TokenAlignment(n_src, n_tgt, tuple(path), _groups_from_path(path), cost)
+
 
 def _groups_from_path(path: Sequence[Tuple[int, int]]) -> Tuple[Group, ...]:
     """Cut the path where it steps diagonally: cells reached by a vertical or horizontal step share
@@ -177,15 +234,19 @@ def _groups_from_path(path: Sequence[Tuple[int, int]]) -> Tuple[Group, ...]:
     return tuple((tuple(range(i0, i1 + 1)), tuple(range(j0, j1 + 1))) for (i0, j0), (i1, j1) in zip(first, last))
 
 
-def _backtrack(acc: np.ndarray) -> List[Tuple[int, int]]:
+def _backtrack(acc: np.ndarray, ties: str) -> List[Tuple[int, int]]:
     """Walk back from the last cell through the accumulated-cost matrix `acc` (shape (n+1, m+1),
-    inf border, acc[i+1, j+1] is cell (i, j)). Ties prefer the diagonal, then the step that moves
-    the source index (up), then the target index (left): fewer, larger one-to-one groups.
+    inf border, acc[i+1, j+1] is cell (i, j)). Ties prefer the diagonal, then (`ties`) "paper": the
+    step that moves the target (pivot) index (left), then the source index (up), as the official
+    code's argmin over [diagonal, left, up]; "source_first": up, then left.
     The step out of every cell is decided for the whole matrix at once (numpy); the walk reads it."""
     n, m = acc.shape[0] - 1, acc.shape[1] - 1
     diag, up, left = acc[:-1, :-1], acc[:-1, 1:], acc[1:, :-1]  # predecessors of cell (i, j)
     # 0: diagonal, 1: up (i - 1), 2: left (j - 1)
-    move = np.where((diag <= up) & (diag <= left), 0, np.where(up <= left, 1, 2)).ravel().tolist()
+    if ties == "paper":
+        move = np.where((diag <= left) & (diag <= up), 0, np.where(left <= up, 2, 1)).ravel().tolist()
+    else:
+        move = np.where((diag <= up) & (diag <= left), 0, np.where(up <= left, 1, 2)).ravel().tolist()
     i, j = n - 1, m - 1
     path = [(i, j)]
     while i > 0 or j > 0:
@@ -232,11 +293,13 @@ def _pair_cost_matrix(src: Sequence[str], tgt: Sequence[str], substring_weight: 
 
 
 def token_cost_matrix(
-    src_strings: Sequence[str], tgt_strings: Sequence[str], substring_weight: float = 0.1, workers: int = 1
+    src_strings: Sequence[str], tgt_strings: Sequence[str], substring_weight: float = 1.0, workers: int = 1
 ) -> np.ndarray:
     """cost[i, j] = Levenshtein(src_i, tgt_j), times `substring_weight` when one string contains the
-    other. The discount is the official FuseChat cost: without it, plain edit distance prefers
-    pairing pieces of similar length ("Hel"/"Hello", "lo"/"wor") over the true split.
+    other. The official FuseChat DTW uses plain edit distance (`substring_weight=1`, cost "paper");
+    its 0.1 discount appears only in its statistics-based vocabulary map. With the discount (cost
+    "containment_discount", ours) the DTW prefers the true split ("Hel" + "lo" -> "Hello") where plain
+    edit distance pairs pieces of similar length ("Hel"/"Hello", "lo"/"wor").
     A pair's cost depends only on its two strings, so it is computed once per pair of DISTINCT
     strings (a text repeats about half of its tokens) and gathered into the full matrix."""
     if not len(src_strings) or not len(tgt_strings):
@@ -322,9 +385,11 @@ def _empty_alignment(n_src: int, n_tgt: int) -> TokenAlignment:
     return TokenAlignment(n_src, n_tgt, (), (), 0.0 if n_src == n_tgt == 0 else float("inf"))
 
 
-def _check_align_args(substring_weight: float, band: Optional[int]) -> None:
+def _check_align_args(substring_weight: float, band: Optional[int], ties: str = "paper") -> None:
     if substring_weight < 0:
         raise ValueError(f"substring_weight must be >= 0, got {substring_weight}.")
+    if ties not in TIE_ORDERS:
+        raise ValueError(f"Unknown tie order {ties!r}: expected one of {TIE_ORDERS}.")
     if band is not None and band < 0:
         raise ValueError(f"band must be None or >= 0, got {band}.")
 
@@ -334,38 +399,42 @@ def align_token_sequences(
     tgt_tokens: Sequence[str],
     src_kind: str = "auto",
     tgt_kind: str = "auto",
-    substring_weight: float = 0.1,
+    substring_weight: float = 1.0,
     band: Optional[int] = None,
     workers: int = 1,
+    ties: str = "paper",
 ) -> TokenAlignment:
     """Many-to-many alignment of two tokenisations of the same text by DTW.
 
     tgt is the pivot. Tokens are normalised with `normalize_token(kind, keep_space=False)`; the
     cost of pairing two tokens is their edit distance (x `substring_weight` when one contains the
-    other, see `token_cost_matrix`). Complexity: O(n*m) time and memory for the cost and
-    accumulated-cost matrices (edit distances in rapidfuzz's C++, the recursion vectorised over
-    n + m - 1 anti-diagonals); a 2048 x 2048 pair takes 32 MiB per matrix. `band` (in target
+    other, see `token_cost_matrix`; the default 1.0 is the official cost, 0.1 the containment
+    discount). `ties`: the backtrack's tie order (`_backtrack`; the default "paper" is the official
+    one). Complexity: O(n*m) time and memory for the cost and accumulated-cost matrices (edit
+    distances in rapidfuzz's C++, the recursion vectorised over n + m - 1 anti-diagonals); a
+    2048 x 2048 pair takes 32 MiB per matrix. `band` (in target
     positions, optional) restricts the path to a Sakoe-Chiba band around the diagonal, which keeps
     very long sequences from warping pathologically; it does not reduce the memory.
     Many sequences: `align_token_sequences_batch` gives the same results, faster.
     """
     return align_token_sequences_batch([(src_tokens, tgt_tokens)], src_kind, tgt_kind, substring_weight, band,
-                                       workers)[0]
+                                       workers, ties=ties)[0]
 
 
 def align_token_sequences_batch(
     pairs: Sequence[Tuple[Sequence[str], Sequence[str]]],
     src_kind: str = "auto",
     tgt_kind: str = "auto",
-    substring_weight: float = 0.1,
+    substring_weight: float = 1.0,
     band: Optional[int] = None,
     workers: int = 1,
     max_cells: int = 1 << 22,
+    ties: str = "paper",
 ) -> List[TokenAlignment]:
     """`align_token_sequences` of every (src tokens, tgt tokens) pair, identical results; the DTW
     recursion runs over batches of pairs together (`_dtw_accumulate_batch`), each batch holding at
     most about `max_cells` padded cells per work array (float64: 32 MiB at the default)."""
-    _check_align_args(substring_weight, band)
+    _check_align_args(substring_weight, band, ties)
     results: List[Optional[TokenAlignment]] = [None] * len(pairs)
     work: List[Tuple[int, np.ndarray]] = []
     for index, (src_tokens, tgt_tokens) in enumerate(pairs):
@@ -380,7 +449,7 @@ def align_token_sequences_batch(
     def flush(chunk: List[Tuple[int, np.ndarray]]) -> None:
         for (index, cost), acc in zip(chunk, _dtw_accumulate_batch([c for _, c in chunk], band)):
             n, m = cost.shape
-            path = _backtrack(acc)
+            path = _backtrack(acc, ties)
             results[index] = TokenAlignment(n, m, tuple(path), _groups_from_path(path), float(acc[n, m]))
 
     chunk: List[Tuple[int, np.ndarray]] = []
@@ -414,11 +483,13 @@ def reference_align(
     tgt_tokens: Sequence[str],
     src_kind: str = "auto",
     tgt_kind: str = "auto",
-    substring_weight: float = 0.1,
+    substring_weight: float = 1.0,
+    ties: str = "paper",
 ) -> TokenAlignment:
     """BENCHMARK BASELINE: the same alignment as `align_token_sequences` (no band) computed the
     straightforward way, pure Python cell by cell, edit distance included. Used by the benchmarks
     to measure the fast path and by the tests as an independent check; not for production use."""
+    _check_align_args(substring_weight, None, ties)
     n, m = len(src_tokens), len(tgt_tokens)
     if n == 0 or m == 0:
         return _empty_alignment(n, m)
@@ -436,15 +507,81 @@ def reference_align(
     path = [(i, j)]
     while i > 0 or j > 0:
         diag, up, left = acc[i][j], acc[i][j + 1], acc[i + 1][j]
-        if diag <= up and diag <= left:
-            i, j = i - 1, j - 1
-        elif up <= left:
-            i -= 1
-        else:
-            j -= 1
+        options = [(diag, -1, -1), (left, 0, -1), (up, -1, 0)] if ties == "paper" else \
+            [(diag, -1, -1), (up, -1, 0), (left, 0, -1)]
+        _, di, dj = min(options, key=lambda option: option[0])  # the first of equal costs
+        i, j = i + di, j + dj
         path.append((i, j))
     path.reverse()
     return TokenAlignment(n, m, tuple(path), _groups_from_path(path), acc[n][m])
+
+
+def one_to_one_matches(
+    alignment: TokenAlignment,
+    definition: str,
+    src_tokens: Optional[Sequence[str]] = None,
+    tgt_tokens: Optional[Sequence[str]] = None,
+    src_kind: str = "auto",
+    tgt_kind: str = "auto",
+) -> np.ndarray:
+    """Per target (pivot) position the source position whose prediction it takes, else -1.
+
+    definition "group" (ours): the position's DTW group has one token on each side.
+    definition "paper" (the official distribution alignment: FuseChat's default MS mode with the token
+    alignment matrix, as its scripts run it): of the source tokens on the path with the position (one
+    token may cover several pivot tokens), the first whose text ends with the pivot token's text or the
+    reverse (texts as the DTW compares them, `normalize_token`); none (-1) if no such token. With several
+    source tokens the official code then also tries the pivot text as a concatenation of them in order,
+    taking the last piece; that never applies once the suffix test failed (the last piece of such a
+    concatenation ends the pivot text), except in one case where it leaves the row empty (the joined
+    pieces only end with the pivot text): -1 here. The official code compares decode([id]) strings,
+    which keep a byte-level token's leading space and drop a SentencePiece one's; here both sides drop
+    it. "paper" needs the tokens."""
+    if definition not in ONE_TO_ONE:
+        raise ValueError(f"Unknown one-to-one definition {definition!r}: expected one of {ONE_TO_ONE}.")
+    if definition == "group":
+        return alignment.tgt_to_src_one_to_one()
+    if src_tokens is None or tgt_tokens is None:
+        raise ValueError("one_to_one='paper' compares the token texts: give src_tokens and tgt_tokens.")
+    if len(src_tokens) != alignment.n_src or len(tgt_tokens) != alignment.n_tgt:
+        raise ValueError(f"{len(src_tokens)} source / {len(tgt_tokens)} target tokens for an alignment of "
+                         f"{alignment.n_src} / {alignment.n_tgt}.")
+    out = np.full(alignment.n_tgt, -1, dtype=np.int64)
+    for j, sources in enumerate(alignment.tgt_to_src()):
+        b = _normalized_for_dtw(tgt_tokens[j], tgt_kind)
+        texts = [_normalized_for_dtw(src_tokens[i], src_kind) for i in sources]
+        suffix = [i for i, a in zip(sources, texts) if a.endswith(b) or b.endswith(a)]
+        if suffix:
+            out[j] = suffix[0]
+    return out
+
+
+def text_agreement(
+    alignment: TokenAlignment,
+    matches: np.ndarray,
+    src_tokens: Sequence[str],
+    tgt_tokens: Sequence[str],
+    src_kind: str = "auto",
+    tgt_kind: str = "auto",
+) -> Dict[str, int]:
+    """How well an alignment follows the text, in target (pivot) positions. Texts are the normalised
+    strings the DTW compares (spaces dropped), laid end to end, so each token spans [start, end) of
+    the same character sequence on both sides (when the two tokenisations cover the same text).
+
+    same_text: positions whose DTW group holds the same text on both sides (group source text ==
+    group target text). matched: positions with a source match (`matches` >= 0). matched_same_end:
+    matched positions whose source token ends where the target token ends, so that the source's
+    next-token prediction is about the same next text as the target's."""
+    src_texts = [_normalized_for_dtw(t, src_kind) for t in src_tokens]
+    tgt_texts = [_normalized_for_dtw(t, tgt_kind) for t in tgt_tokens]
+    src_end = np.cumsum([len(t) for t in src_texts])
+    tgt_end = np.cumsum([len(t) for t in tgt_texts])
+    same_text = sum(len(tgt) for src, tgt in alignment.groups
+                    if "".join(src_texts[i] for i in src) == "".join(tgt_texts[j] for j in tgt))
+    matched = [j for j in range(alignment.n_tgt) if matches[j] >= 0]
+    same_end = sum(1 for j in matched if src_end[matches[j]] == tgt_end[j])
+    return {"positions": alignment.n_tgt, "same_text": int(same_text), "matched": len(matched),
+            "matched_same_end": int(same_end)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,6 +670,32 @@ def count_one_to_one_pairs(aligned_corpus: Iterable[AlignedSequence]) -> Counter
     return counts
 
 
+def count_path_pairs(aligned_corpus: Iterable[AlignedSequence]) -> Counter:
+    """Counter of (source id, pivot id) over every pivot position and each distinct source id on the
+    DTW path with it (what the official statistics-based map counts: a pivot position adds 1 to each
+    source id aligned with it, once per id). Items as in `count_one_to_one_pairs`."""
+    counts: Counter = Counter()
+    for src_ids, pivot_ids, alignment in aligned_corpus:
+        if len(src_ids) != alignment.n_src or len(pivot_ids) != alignment.n_tgt:
+            raise ValueError(
+                f"Aligned sequence lengths ({len(src_ids)}, {len(pivot_ids)}) differ from the alignment's "
+                f"({alignment.n_src}, {alignment.n_tgt})."
+            )
+        for j, sources in enumerate(alignment.tgt_to_src()):
+            for s in {int(src_ids[i]) for i in sources}:
+                counts[(s, int(pivot_ids[j]))] += 1
+    return counts
+
+
+def discounted_distance(src_text: str, pivot_text: str, src_spaced: str, pivot_spaced: str) -> float:
+    """The official statistics-based map's token distance: the edit distance of the texts without
+    spaces, x 0.1 when one contains the other; when either text is empty (a pure space or marker
+    token), of the texts with their spaces (`normalize_token(keep_space=True)`)."""
+    a, b = (src_text, pivot_text) if src_text and pivot_text else (src_spaced, pivot_spaced)
+    weight = CONTAINMENT_DISCOUNT if (a in b or b in a) else 1.0
+    return Levenshtein.distance(a, b) * weight
+
+
 def vocab_map_statistics(
     aligned_corpus: Iterable[AlignedSequence],
     src_vocab: Vocab,
@@ -541,23 +704,38 @@ def vocab_map_statistics(
     pivot_kind: str = "auto",
     min_count: int = 1,
     fallback: str = "min_ed",
+    rule: str = "paper",
 ) -> np.ndarray:
     """MS: learn the map from how tokens were actually aligned over a corpus.
 
-    Rule: for source id s, among the pivot ids p seen one-to-one with s at least `min_count` times,
+    rule "paper" (the official code): count every (source, pivot) pair on the DTW paths
+    (`count_path_pairs`); a source id with an exact match (`vocab_map_exact`) maps to it (the official
+    distribution alignment tries the exact match first); any other source id s maps to the pivot id p,
+    among those counted with s at least `min_count` times, with the least
+    `discounted_distance(s, p) * sigmoid(count(s, p))`, ties to the smaller pivot id (the official
+    argmin over ascending ids). `fallback` is not used: source ids never counted stay -1 (the official
+    code maps them to the pivot's unk / eos token).
+
+    rule "ours": for source id s, among the pivot ids p seen one-to-one with s at least `min_count` times,
     pick the largest score count(s, p) / (1 + ED(s, p)), ED on normalised texts with spaces kept;
     ties go to the smaller ED, then to the smaller pivot id. A frequent pair with a small edit
     distance wins; a frequent but textually unrelated pair (alignment noise) needs many more
     occurrences to win. Source ids never seen one-to-one take `fallback`: "min_ed" (the MinED
-    map), "exact" (the EM map) or "none" (-1).
+    map), "exact" (the EM map) or "none" (-1). The one-to-one pairs are the groups of the corpus's
+    alignments (the align stage passes alignments holding the pairs of its `one_to_one` definition).
     """
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}.")
     fallbacks = ("min_ed", "exact", "none")
     if fallback not in fallbacks:
         raise ValueError(f"Unknown fallback {fallback!r}: expected one of {fallbacks}.")
+    if rule not in MS_RULES:
+        raise ValueError(f"Unknown MS rule {rule!r}: expected one of {MS_RULES}.")
     src = _canonical_forms(src_vocab, src_kind, "source")
     pivot = _canonical_forms(pivot_vocab, pivot_kind, "pivot")
+    if rule == "paper":
+        return _vocab_map_statistics_paper(count_path_pairs(aligned_corpus), src_vocab, pivot_vocab, src_kind,
+                                           pivot_kind, min_count, src, pivot)
     if fallback == "min_ed":
         mapping = vocab_map_min_ed(src_vocab, pivot_vocab, src_kind, pivot_kind)
     elif fallback == "exact":
@@ -577,6 +755,30 @@ def vocab_map_statistics(
         if s not in best or key < best[s]:
             best[s] = key
     for s, (_, _, p) in best.items():
+        mapping[s] = p
+    return mapping
+
+
+def _vocab_map_statistics_paper(counts: Counter, src_vocab: Vocab, pivot_vocab: Vocab, src_kind: str,
+                                pivot_kind: str, min_count: int, src: List[Optional[str]],
+                                pivot: List[Optional[str]]) -> np.ndarray:
+    """vocab_map_statistics(rule="paper") from the path-pair counts; src / pivot: texts with spaces."""
+    mapping = vocab_map_exact(src_vocab, pivot_vocab, src_kind, pivot_kind)
+    best: Dict[int, Tuple[float, int]] = {}  # s -> (weighted distance, p): smaller is better
+    for (s, p), count in counts.items():
+        if count < min_count:
+            continue
+        if not (0 <= s < len(src)) or src[s] is None:
+            raise ValueError(f"Source id {s} from the aligned corpus is not in the source vocabulary.")
+        if not (0 <= p < len(pivot)) or pivot[p] is None:
+            raise ValueError(f"Pivot id {p} from the aligned corpus is not in the pivot vocabulary.")
+        if mapping[s] >= 0:
+            continue  # an exact match wins
+        distance = discounted_distance(src[s].replace(" ", ""), pivot[p].replace(" ", ""), src[s], pivot[p])
+        key = (distance / (1.0 + math.exp(-count)), p)
+        if s not in best or key < best[s]:
+            best[s] = key
+    for s, (_, p) in best.items():
         mapping[s] = p
     return mapping
 
@@ -607,10 +809,11 @@ def align_distributions(
     predict token i + 1. Where pivot position i is matched one-to-one with source position j, the
     source row j is used (its ids mapped; unmapped ids dropped; duplicate pivot ids keep the higher
     logit). Everywhere else, or when no id survives the mapping, the row is a one-hot (logit 0) on
-    pivot_gold_ids[i + next_token_offset], the token that position's logits predict. The official
-    FuseChat code puts the one-hot on the input token i itself (next_token_offset=0), an
-    off-by-one that teaches the student to repeat its input. If that gold index is past the end or
-    negative, the row stays empty (all padding).
+    pivot_gold_ids[i + next_token_offset], the token that position's logits predict, as FuseChat's
+    align_token_and_vocab.py does (its labels are the input ids shifted by one). FuseLLM's code puts
+    the one-hot on the input token i itself (next_token_offset=0), an off-by-one that teaches the
+    student to repeat its input. If that gold index is past the end or negative, the row stays empty
+    (all padding; FuseChat repeats the last token there).
 
     Returns (ids [L_pivot, k] int64 padded with -1, logits [L_pivot, k] float32 padded with -inf),
     each row sorted by logit, highest first.

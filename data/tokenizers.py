@@ -10,6 +10,8 @@ Anything else in ``data.tokenizer`` is a path to a saved tokenizer (or a hub nam
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Iterable, List
 
@@ -19,6 +21,22 @@ EOS = "<|endoftext|>"
 PAD = "<pad>"
 UNK = "<unk>"
 EMBEDDED_KINDS = ("bpe", "unigram")
+
+
+def _progress(message: str) -> None:
+    """One line on stderr about tokenizer training (it takes seconds to minutes on a large corpus), from the
+    first process only: DDP children and other SLURM tasks find the same cache a moment later."""
+    if all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "RANK", "SLURM_PROCID")):
+        print(f"[data] {message}", file=sys.stderr, flush=True)
+
+
+def _show_progress() -> bool:
+    """The trainers' own progress bars (from the Rust side of `tokenizers`) on an interactive terminal only: in
+    a log file they are noise."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _batches(docs: List[Document], size: int = 256) -> Iterable[List[str]]:
@@ -38,7 +56,7 @@ def train_tokenizer(kind: str, vocab_size: int, docs: List[Document]):
             vocab_size=vocab_size,
             special_tokens=[EOS, PAD],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
+            show_progress=_show_progress(),
         )
     elif kind == "unigram":
         tok = Tokenizer(models.Unigram())
@@ -48,7 +66,7 @@ def train_tokenizer(kind: str, vocab_size: int, docs: List[Document]):
             vocab_size=vocab_size - 256,  # the 256 byte-fallback pieces are added after training
             special_tokens=[EOS, PAD, UNK],
             unk_token=UNK,
-            show_progress=False,
+            show_progress=_show_progress(),
         )
         tok.train_from_iterator(_batches(docs), trainer=trainer, length=len(docs))
         return _canonical_unigram(tok)
@@ -104,10 +122,15 @@ def load_or_train_tokenizer(kind_or_path: str, vocab_size: int, docs: List[Docum
         out_file = out_dir / "tokenizer.json"
         if not out_file.exists():
             out_dir.mkdir(parents=True, exist_ok=True)
+            chars = sum(len(d.text) for d in docs)
+            _progress(f"training the {kind_or_path} tokenizer (vocabulary {vocab_size}) on {len(docs)} documents, "
+                      f"{chars / 1e6:.1f}M characters (once; cached in {out_dir}) ...")
+            t0 = time.perf_counter()
             tok = train_tokenizer(kind_or_path, vocab_size, docs)
             tmp = out_dir / f"tokenizer.json.tmp{os.getpid()}"
             tok.save(str(tmp))
             os.replace(tmp, out_file)
+            _progress(f"tokenizer trained in {time.perf_counter() - t0:.1f} s: {out_file}")
         return _wrap(out_file)
     from transformers import AutoTokenizer
 

@@ -102,6 +102,24 @@ def register_arch(name: str, build: Callable[[ModelSpec], torch.nn.Module],
     register_architecture(name, build, sizes, load=load)
 
 
+def register_size(arch: str, name: str, fields: Mapping[str, Any]) -> None:
+    """Add the named size `name` (architecture config fields) to the registered architecture `arch`, so that
+    `model.arch=<arch> model.size=<name>` builds it (e.g. the papers' sizes, models/paper_sizes.py). The same
+    fields again are a no-op; other fields under a name already taken are an error."""
+    from collections.abc import MutableMapping
+
+    entry = architecture(arch)
+    if entry is None:
+        raise ValueError(f"register_size: unknown architecture '{arch}'; known: {', '.join(sorted(_ARCHITECTURES))}.")
+    if name in entry.sizes:
+        if dict(entry.sizes[name]) != dict(fields):
+            raise ValueError(f"register_size: {arch} size '{name}' is already registered with other fields.")
+        return
+    if not isinstance(entry.sizes, MutableMapping):
+        raise TypeError(f"register_size: the sizes of architecture '{arch}' cannot be extended.")
+    entry.sizes[name] = dict(fields)
+
+
 def register_transformers_architecture(name: str, config_class: str, model_class: str,
                                        sizes: Mapping[str, Dict[str, Any]]) -> Architecture:
     """Register a `transformers` causal LM: `model_class(config_class(**sizes[size], ...))` (class names in
@@ -239,17 +257,44 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token, 6N + 12 L d s (attention), with N the non-embedding parameters that a
-    token actually uses (for MoEs: only k of E experts). Used for MFU on GPUs."""
+    """Training FLOPs per token (forward + backward): 6 per weight of every matrix a token goes through, plus
+    12 L d s for attention scores and their weighted sum (L layers, width d, sequence s; causal masking not
+    subtracted, as in PaLM's MFU). The matrices include the LM head, tied to the input embedding or not (the
+    embedding lookup itself is not a matmul); of an MoE's experts only the k of E a token uses count. Vectors
+    (norms, biases) are left out. Used for perf/tflops and perf/mfu; equals Lightning's measure_flops
+    (torch's FlopCounterMode) on a dense model with eager attention."""
     cfg = getattr(model, "config", None)
-    n = count_parameters(model)
-    emb = full_numel(model.get_input_embeddings().weight) if hasattr(model, "get_input_embeddings") else 0
-    n -= emb
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    head = _lm_head(model)
+    seen = {id(embedding)} if embedding is not None else set()
+    matrices = experts = 0
+    for name, p in model.named_parameters():
+        if id(p) in seen or len(full_shape(p)) < 2:
+            continue
+        seen.add(id(p))
+        matrices += full_numel(p)
+        if ".experts." in name:
+            experts += full_numel(p)
+    if embedding is not None and (head is None or head.weight is embedding):
+        matrices += full_numel(embedding)  # a tied head: the embedding matrix used once more, as the output layer
+    n_experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    k = getattr(cfg, "num_experts_per_tok", None)
+    if n_experts and k and experts:
+        matrices -= experts * (1 - k / n_experts)
     layers = getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "num_layers", 0) or 0
     d = getattr(cfg, "hidden_size", 0) or 0
-    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
-    k = getattr(cfg, "num_experts_per_tok", None)
-    if experts and k:
-        expert_params = sum(full_numel(p) for name, p in model.named_parameters() if ".experts." in name)
-        n -= expert_params * (1 - k / experts)
-    return 6.0 * n + 12.0 * layers * d * seq_len
+    return 6.0 * matrices + 12.0 * layers * d * seq_len
+
+
+def _lm_head(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The output projection of a causal LM: get_output_embeddings() where the model has it, else a submodule
+    named lm_head; None when there is none (the logits come from the embedding matrix)."""
+    head = None
+    if hasattr(model, "get_output_embeddings"):
+        try:
+            head = model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            head = None
+    if head is None:
+        head = next((m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"), None)
+    return head if head is not None and isinstance(getattr(head, "weight", None), torch.Tensor) else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -181,11 +181,16 @@ def _get_method(method: str) -> MergeFn:
 
 
 def merge_state_dicts(method: str, base_sd: Mapping[str, Tensor], sds: Sequence[Mapping[str, Tensor]],
-                      **kw) -> dict[str, Tensor]:
-    """Merge every tensor of base_sd with the same-named tensors of each sd in `sds`."""
+                      exclude: Iterable[str] = (), **kw) -> dict[str, Tensor]:
+    """Merge every tensor of base_sd with the same-named tensors of each sd in `sds`; the names in `exclude`
+    are not merged and keep base_sd's value (a copy)."""
     fn = _get_method(method)
+    skip = set(exclude)
     out: dict[str, Tensor] = {}
     for name, base in base_sd.items():
+        if name in skip:
+            out[name] = base.clone()
+            continue
         missing = [i for i, sd in enumerate(sds) if name not in sd]
         if missing:
             raise ValueError(f"tensor {name!r} missing from model(s) {missing}")

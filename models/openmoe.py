@@ -7,15 +7,23 @@ trained with a load-balancing loss (0.01) and the router z-loss (1e-3).
 Here the dense decoder is transformers' `LlamaForCausalLM`; the MLP of layers i with (i + 1) % moe_every == 0
 is replaced by an `OpenMoEBlock`, a `models.moe.SparseMoEBlock` (no null experts) whose capacity factor
 follows the module's mode: `train_capacity_factor` under `model.train()`, `eval_capacity_factor` under
-`model.eval()`.
+`model.eval()`. Its top-2 weights are renormalised to sum 1 by default (`norm_topk_prob`); ColossalAI's and
+flaxformer's routers keep the raw softmax probabilities (`norm_topk_prob: false`).
 
-Capacity groups (`capacity_group`):
-  "sequence" (default, OpenMoE / T5X routing groups of one sequence): each sequence of S tokens is its own
-      group; every expert takes at most C = ceil(cf * S * k / E) assignments per sequence, in position order
-      (position, then slot), so the tokens at the end of a sequence overflow first.
-  "batch": `SparseMoEBlock`'s own rule, one group of all T = B*S tokens of the forward, batch-major order.
-A dropped assignment contributes nothing (its weight is 0, the other slot is not renormalised); the
-residual connection carries the token on.
+Which assignments a full expert drops (`drop_order`, `DROP_ORDERS`), each within a routing group
+(`capacity_group`: "sequence" = each sequence of S tokens, "batch" = all T = B*S tokens of the forward; null =
+the order's own group, in brackets); n = tokens of the group, k = top_k, E = experts:
+  "colossalai" (batch; the default): ColossalAI's `Top2Router`, the PyTorch code OpenMoE released and analysed
+      its checkpoints with: every top-1 choice of the group (row by row, position order) before any top-2
+      choice; C = floor(k * cf * n / E), rounded up to even, at least 4 (`models.moe.colossalai_capacity`).
+  "slot_major" (sequence): the priority of T5X / flaxformer's `TokensChooseMaskedRouter` (OpenMoE's TPU
+      training code): all top-1 choices of the group before any top-2, in position order;
+      C = ceil(cf * n * k / E). (flaxformer itself uses C = max(round(cf * n / E), 4), no k, over groups of
+      4096-8192 tokens; not reproduced: here the capacity is the same for both per-group orders.)
+  "token_major" (sequence): position by position, both slots of a token before the next token;
+      C = ceil(cf * n * k / E) (this repository's earlier rule).
+Every expert keeps the first C assignments of its queue in that order. A dropped assignment contributes
+nothing (its weight is 0, the other slot is not renormalised); the residual connection carries the token on.
 
 On import the architecture registers with `models.factory.register_architecture("openmoe", ...)`:
 `model.arch=openmoe model.size=tiny` builds one; `save_pretrained(dir)` writes `model.safetensors` +
@@ -24,7 +32,6 @@ On import the architecture registers with `models.factory.register_architecture(
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,12 +42,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.factory import register_architecture
-from models.moe import MoEConfig, SparseMoEBlock, moe_blocks
+from models.moe import MoEConfig, SparseMoEBlock, colossalai_capacity, expert_capacity, moe_blocks
 
 MODEL_TYPE = "openmoe"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CAPACITY_GROUPS = ("sequence", "batch")
+DROP_ORDERS = ("colossalai", "slot_major", "token_major")
+# The routing group each drop order uses when `capacity_group` is not given.
+DEFAULT_CAPACITY_GROUP = {"colossalai": "batch", "slot_major": "sequence", "token_major": "sequence"}
 
 OPENMOE_SIZES: Dict[str, Dict[str, Any]] = {
     # CPU / test size: 4 layers, MoE in layers 1 and 3 (8 experts, top-2).
@@ -74,7 +84,9 @@ class OpenMoEConfig:
     expert_intermediate_size: int = 172
     train_capacity_factor: Optional[float] = 1.25  # None: no capacity limit
     eval_capacity_factor: Optional[float] = 2.0
-    capacity_group: str = "sequence"  # sequence | batch (see the module docstring)
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum 1 (False: raw softmax, as the released code)
+    drop_order: str = "colossalai"  # colossalai | slot_major | token_major (see the module docstring)
+    capacity_group: Optional[str] = None  # sequence | batch | None (the drop order's own, DEFAULT_CAPACITY_GROUP)
     lb_coef: float = 0.01
     z_coef: float = 1e-3
 
@@ -92,8 +104,10 @@ class OpenMoEConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"OpenMoEConfig.{name} must be > 0 or None, got {value}")
-        if self.capacity_group not in CAPACITY_GROUPS:
-            raise ValueError(f"OpenMoEConfig.capacity_group must be one of {list(CAPACITY_GROUPS)}, "
+        if self.drop_order not in DROP_ORDERS:
+            raise ValueError(f"OpenMoEConfig.drop_order must be one of {list(DROP_ORDERS)}, got {self.drop_order!r}")
+        if self.capacity_group is not None and self.capacity_group not in CAPACITY_GROUPS:
+            raise ValueError(f"OpenMoEConfig.capacity_group must be one of {list(CAPACITY_GROUPS)} or None, "
                              f"got {self.capacity_group!r}")
 
     @property
@@ -109,38 +123,68 @@ class OpenMoEConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown OpenMoEConfig fields {unknown}; known: {sorted(known)}")
+        if "capacity_group" in data and "drop_order" not in data:
+            # saved before drop orders existed: the one order there was
+            data = {**data, "drop_order": "token_major"}
         return cls(**data)
+
+
+def group_capacity(drop_order: str, capacity_factor: float, group_size: int, top_k: int, num_experts: int) -> int:
+    """Assignments each expert accepts per routing group of `group_size` tokens under `drop_order`."""
+    if drop_order == "colossalai":
+        return colossalai_capacity(capacity_factor, group_size, top_k, num_experts)
+    return expert_capacity(capacity_factor, group_size, top_k, num_experts)
+
+
+def group_capacity_drops(topk_indices: torch.Tensor, group_size: int, num_experts: int, capacity_factor: float,
+                         drop_order: str = "token_major") -> torch.Tensor:
+    """[T, k] bool drops with routing groups of `group_size` consecutive tokens (one sequence, or the whole
+    batch when group_size = T): per group and expert the first `group_capacity(...)` assignments in the drop
+    order's queue are kept, the rest dropped. "token_major": queue by (position, slot); "slot_major" and
+    "colossalai": by (slot, position), i.e. every top-1 choice of the group before any top-2."""
+    if drop_order not in DROP_ORDERS:
+        raise ValueError(f"drop_order must be one of {list(DROP_ORDERS)}, got {drop_order!r}")
+    num_tokens, k = topk_indices.shape
+    if num_tokens % group_size:
+        raise ValueError(f"{num_tokens} tokens do not split into groups of {group_size}")
+    groups = num_tokens // group_size
+    capacity = group_capacity(drop_order, capacity_factor, group_size, k, num_experts)
+    grouped = topk_indices.reshape(groups, group_size, k)
+    slot_first = drop_order != "token_major"
+    queue = (grouped.transpose(1, 2) if slot_first else grouped).reshape(groups, group_size * k)
+    one_hot = F.one_hot(queue, num_experts)  # [G, n*k, E]
+    # rank of each assignment among the earlier ones to the same expert in its group's queue (0-based)
+    rank = (one_hot.cumsum(dim=1) - 1).gather(2, queue.unsqueeze(-1)).squeeze(-1)
+    dropped = rank >= capacity
+    if slot_first:
+        return dropped.reshape(groups, k, group_size).transpose(1, 2).reshape(num_tokens, k)
+    return dropped.reshape(num_tokens, k)
 
 
 def sequence_capacity_drops(topk_indices: torch.Tensor, group_size: int, num_experts: int,
                             capacity_factor: float) -> torch.Tensor:
-    """[T, k] bool drops with routing groups of `group_size` consecutive tokens (one sequence each).
-
-    Per group and expert, C = ceil(capacity_factor * group_size * k / num_experts) assignments are kept,
-    in order (token position, then slot); the rest are dropped."""
-    num_tokens, k = topk_indices.shape
-    if num_tokens % group_size:
-        raise ValueError(f"{num_tokens} tokens do not split into groups of {group_size}")
-    capacity = int(math.ceil(capacity_factor * group_size * k / num_experts))
-    flat = topk_indices.reshape(num_tokens // group_size, group_size * k)
-    one_hot = F.one_hot(flat, num_experts)  # [G, S*k, E]
-    # rank of each assignment among the earlier ones to the same expert in its group (0-based)
-    rank = (one_hot.cumsum(dim=1) - 1).gather(2, flat.unsqueeze(-1)).squeeze(-1)
-    return (rank >= capacity).reshape(num_tokens, k)
+    """The "token_major" drops (position, then slot) with groups of `group_size` tokens; kept for callers of the
+    earlier name."""
+    return group_capacity_drops(topk_indices, group_size, num_experts, capacity_factor, "token_major")
 
 
 class OpenMoEBlock(SparseMoEBlock):
-    """SparseMoEBlock whose capacity factor depends on the mode (training vs evaluation) and whose
-    capacity is per sequence ("sequence" groups) or per forward ("batch")."""
+    """SparseMoEBlock whose capacity factor depends on the mode (training vs evaluation), whose capacity is per
+    sequence ("sequence" groups) or per forward ("batch"), and whose queue order is `drop_order`."""
 
     def __init__(self, config: MoEConfig, train_capacity_factor: Optional[float],
-                 eval_capacity_factor: Optional[float], capacity_group: str = "sequence") -> None:
+                 eval_capacity_factor: Optional[float], capacity_group: Optional[str] = None,
+                 drop_order: str = "colossalai") -> None:
         super().__init__(config)
+        if drop_order not in DROP_ORDERS:
+            raise ValueError(f"drop_order must be one of {list(DROP_ORDERS)}, got {drop_order!r}")
+        capacity_group = capacity_group or DEFAULT_CAPACITY_GROUP[drop_order]
         if capacity_group not in CAPACITY_GROUPS:
             raise ValueError(f"capacity_group must be one of {list(CAPACITY_GROUPS)}, got {capacity_group!r}")
         self.train_capacity_factor = train_capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.capacity_group = capacity_group
+        self.drop_order = drop_order
         self._group_size: Optional[int] = None
 
     @property
@@ -151,10 +195,9 @@ class OpenMoEBlock(SparseMoEBlock):
         cf = self.active_capacity_factor
         if cf is None:
             return None
-        if self.capacity_group == "batch" or self._group_size is None:
-            self.capacity_factor = cf
-            return super().capacity_drops(topk_indices)
-        return sequence_capacity_drops(topk_indices, self._group_size, self.num_true_experts, cf)
+        num_tokens = topk_indices.shape[0]
+        group = self._group_size if self.capacity_group == "sequence" and self._group_size else num_tokens
+        return group_capacity_drops(topk_indices, group, self.num_true_experts, cf, self.drop_order)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         self.capacity_factor = self.active_capacity_factor  # read by anything inspecting the block
@@ -189,11 +232,12 @@ class OpenMoEForCausalLM(nn.Module):
         self.lm = LlamaForCausalLM(llama)
         moe_config = MoEConfig(hidden_size=config.hidden_size, intermediate_size=config.expert_intermediate_size,
                                num_experts=config.num_experts, num_null_experts=0, top_k=config.top_k,
-                               split_null_gate=True, norm_topk_prob=True, lb_coef=config.lb_coef,
+                               split_null_gate=True, norm_topk_prob=config.norm_topk_prob, lb_coef=config.lb_coef,
                                z_coef=config.z_coef, init_std=config.initializer_range)
         for i in config.moe_layers:
             self.lm.model.layers[i].mlp = OpenMoEBlock(moe_config, config.train_capacity_factor,
-                                                       config.eval_capacity_factor, config.capacity_group)
+                                                       config.eval_capacity_factor, config.capacity_group,
+                                                       config.drop_order)
         # What models.factory / recipes read from `model.config` (sizes, experts, k).
         self.config = llama
         self.config.num_experts = config.num_experts

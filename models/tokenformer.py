@@ -6,8 +6,9 @@ Wang et al., 2024. Plain PyTorch, one readable file:
 * `TokenFormerConfig` / `TokenFormerForCausalLM`: a decoder-only language model built from Pattention
   layers with a Hugging Face-like interface (`forward(...).loss/.logits`, `save_pretrained`,
   `from_pretrained`).
-* `grow_parameter_tokens`: progressive scaling by appending parameter tokens, optionally exactly
-  function-preserving (zero new keys + tau frozen at its pre-growth value).
+* `grow_parameter_tokens`: progressive scaling by appending parameter tokens: `init="released"` is the
+  official code's growth (random new tokens, tau = sqrt(new n)); `init="zero_key"` with tau frozen at its
+  pre-growth value is exactly function-preserving.
 * On import the architecture registers with `models.factory.register_architecture("tokenformer", ...)`, so
   `model.arch=tokenformer model.size=<name>` builds one in any recipe and `model.pretrained=<dir>` loads a
   saved one (config.json "model_type": "tokenformer").
@@ -33,11 +34,12 @@ from models.factory import register_architecture
 
 NormKind = Literal["l2_norm_gelu", "gelu_l2_norm", "softmax"]
 TauMode = Literal["auto", "frozen"]
-NewTokenInit = Literal["random", "zero_key"]
+NewTokenInit = Literal["random", "zero_key", "released"]
 
 NORM_KINDS: tuple[str, ...] = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 TAU_MODES: tuple[str, ...] = ("auto", "frozen")
-NEW_TOKEN_INITS: tuple[str, ...] = ("random", "zero_key")
+# "released" is the official code's growth: "random" new tokens with tau = sqrt(new n) ("auto"), nothing else.
+NEW_TOKEN_INITS: tuple[str, ...] = ("random", "zero_key", "released")
 
 MODEL_TYPE = "tokenformer"
 WEIGHTS_NAME = "model.safetensors"
@@ -154,7 +156,7 @@ class Pattention(nn.Module):
     ) -> None:
         """Append parameter tokens in place; see `grow_parameter_tokens` for the semantics."""
         _check_choice("tau", tau, TAU_MODES)
-        _check_new_token_init(init)
+        _check_new_token_init(init, tau)
         old_n = self.n_tokens
         if new_n_tokens < old_n:
             raise ValueError(f"cannot shrink a Pattention from {old_n} to {new_n_tokens} parameter tokens")
@@ -164,7 +166,7 @@ class Pattention(nn.Module):
         if added > 0:
             keys, values = self.key_tokens, self.value_tokens
             new_keys = keys.new_zeros(added, self.d_in)
-            if init == "random":
+            if init in ("random", "released"):  # the keys first, then the values, from one generator
                 new_keys.normal_(0.0, self.key_init_std, generator=generator)
             new_values = values.new_empty(added, self.d_out).normal_(0.0, self.value_init_std, generator=generator)
             if not new_keys.any() and not new_values.any():
@@ -180,14 +182,17 @@ class Pattention(nn.Module):
         self.tau_token_count.fill_(effective_count if tau == "frozen" else new_n_tokens)
 
 
-def _check_new_token_init(init: str) -> None:
+def _check_new_token_init(init: str, tau: str) -> None:
     if init in ("zero", "zeros", "zero_key_value"):
         raise ValueError(
             f"init={init!r} would make new tokens untrainable: zero keys give GeLU(0) = 0 weights, so the "
             "values get no gradient, and zero values give the keys no gradient. Use 'zero_key' (zero keys, "
-            "random values: function-preserving with tau='frozen') or 'random'."
+            "random values: function-preserving with tau='frozen'), 'random' or 'released'."
         )
     _check_choice("init", init, NEW_TOKEN_INITS)
+    if init == "released" and tau != "auto":
+        raise ValueError(f"init='released' is the official growth, which sets tau = sqrt(new n) (tau='auto'); got "
+                         f"tau={tau!r} (use init='random' for random tokens with another tau)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,6 +220,10 @@ class TokenFormerConfig:
     rotary_base: float = 10000.0
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02  # keys and token embeddings
+    # The final LayerNorm's bias. True: torch LayerNorm with weight and bias, as the official code
+    # (final_norm: layernorm); False: weight only (this repository's first form). A checkpoint saved
+    # without the bias loads into a model with one as a zero bias, which is the same function.
+    final_norm_bias: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_layers", "hidden_size", "num_heads", "qkv_tokens", "ffn_tokens",
@@ -232,6 +241,8 @@ class TokenFormerConfig:
         _check_choice("TokenFormerConfig.tau", self.tau, TAU_MODES)
         if self.eps < 0 or self.layer_norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("TokenFormerConfig eps must be >= 0, layer_norm_eps and init_std > 0")
+        if not isinstance(self.final_norm_bias, bool):
+            raise ValueError(f"TokenFormerConfig.final_norm_bias must be true or false, got {self.final_norm_bias!r}")
 
     @property
     def head_dim(self) -> int:
@@ -282,6 +293,22 @@ TOKENFORMER_SIZES: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
+
+
+def fill_missing_final_norm_bias(state: dict[str, torch.Tensor], config: TokenFormerConfig) -> dict[str, torch.Tensor]:
+    """`state` with a zero `final_norm.bias` added when `config` has one and the state (saved weight-only,
+    as this repository did before `final_norm_bias`) does not: LayerNorm with a zero bias is the same
+    function as without one. Other states are returned unchanged."""
+    if config.final_norm_bias and "final_norm.weight" in state and "final_norm.bias" not in state:
+        state = {**state, "final_norm.bias": torch.zeros_like(state["final_norm.weight"])}
+    return state
+
+
+def _zero_bias_when_missing(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook of the final LayerNorm: a missing bias (old checkpoint) becomes zeros."""
+    if getattr(module, "bias", None) is not None and prefix + "weight" in state_dict \
+            and prefix + "bias" not in state_dict:
+        state_dict[prefix + "bias"] = torch.zeros_like(state_dict[prefix + "weight"])
 
 
 @dataclass
@@ -372,9 +399,9 @@ class TokenFormerBlock(nn.Module):
 class TokenFormerForCausalLM(nn.Module):
     """Decoder-only TokenFormer LM with a Hugging Face-like interface.
 
-    Token embedding -> `num_layers` TokenFormer blocks -> parametric final LayerNorm (weight only: the
-    model has no biases) -> head tied to the embedding (a separate bias-free head if
-    `tie_embeddings=False`).
+    Token embedding -> `num_layers` TokenFormer blocks -> parametric final LayerNorm (weight and bias as
+    the official code; weight only with `final_norm_bias=False`) -> head tied to the embedding (a separate
+    bias-free head if `tie_embeddings=False`). The final LayerNorm's bias is the model's only bias.
     """
 
     def __init__(self, config: TokenFormerConfig) -> None:
@@ -384,7 +411,9 @@ class TokenFormerForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
         nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=config.init_std)
         self.layers = nn.ModuleList(TokenFormerBlock(config) for _ in range(config.num_layers))
-        self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=False)
+        self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=config.final_norm_bias)
+        # Checkpoints saved before the bias existed (or with final_norm_bias=False) load with a zero bias.
+        self.final_norm.register_load_state_dict_pre_hook(_zero_bias_when_missing)
         self.lm_head: nn.Linear | None = None
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
@@ -494,7 +523,7 @@ class TokenFormerForCausalLM(nn.Module):
             raise ValueError(f"{config_path} has model_type={model_type!r}, expected {MODEL_TYPE!r}")
         stored_dtype = payload.pop("dtype", "float32")
         config = TokenFormerConfig.from_dict(payload)
-        state = load_file(str(weights_path))
+        state = fill_missing_final_norm_bias(load_file(str(weights_path)), config)
 
         model = cls(config)
         expected = model.state_dict()
@@ -547,8 +576,11 @@ def grow_parameter_tokens(
 
     The old key/value tokens are copied bitwise into rows ``[:n_old]``. New rows:
 
-    * ``init="random"``: keys ~ N(0, init_std), values ~ N(0, 2/(L sqrt(d))) (the released code's choice;
-      the function changes).
+    * ``init="random"``: keys ~ N(0, init_std), values ~ N(0, 2/(L sqrt(d))), the model's own init (the
+      function changes). Drawn from `generator` per Pattention: all new keys, then all new values.
+    * ``init="released"``: the official code's growth (its incremental-scaling configs build the larger
+      model with its usual init and copy the trained tokens into the first rows): ``"random"`` new tokens
+      with ``tau="auto"``, tau = sqrt(n_new); any other tau is refused.
     * ``init="zero_key"``: zero keys, random values. With a GeLU-based norm and ``tau="frozen"`` this is
       exactly function-preserving: zero scores leave the L2 norm unchanged and GeLU(0) = 0. The new keys get
       gradients at once (through the random values); the new values from the step after.
@@ -561,8 +593,8 @@ def grow_parameter_tokens(
     The key/value tensors are NEW `nn.Parameter` objects: an optimizer (and any scheduler, EMA or DDP/FSDP
     wrapper) built before growth still points at the old ones and must be rebuilt.
     """
-    _check_new_token_init(init)
     _check_choice("tau", tau, TAU_MODES)
+    _check_new_token_init(init, tau)
     config = model.config
     if isinstance(new_counts, TokenFormerConfig):
         differing = [

@@ -13,9 +13,10 @@ so one batch of differently routed inputs runs in a single pass without rewritin
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,27 +42,52 @@ class LowRank:
 Expert = dict[str, "LowRank | Tensor"]
 
 
-def _resolve_rank(rank: float | int, shape: torch.Size) -> int:
+RANK_ROUNDINGS = ("floor", "round")
+
+
+def resolve_rank(rank: float | int, shape: Sequence[int], rounding: str = "round") -> int:
+    """The SVD rank of a delta of `shape`: an int is an absolute rank; a float is a fraction of min(shape),
+    rounded down ("floor": int(fraction * min(shape)), the official Twin-Merging code) or to the nearest
+    ("round"). At least 1 (the official code returns an all-zero delta when the product is below 1) and at
+    most min(shape)."""
     full = min(shape)
     if isinstance(rank, bool) or rank <= 0:
         raise ValueError(f"rank must be a positive fraction (<=1.0 as float) or an int, got {rank!r}")
-    r = max(1, int(round(rank * full))) if isinstance(rank, float) else int(rank)
+    if rounding not in RANK_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {RANK_ROUNDINGS}, got {rounding!r}")
+    if isinstance(rank, float):
+        r = int(rank * full) if rounding == "floor" else int(round(rank * full))
+        r = max(1, r)
+    else:
+        r = int(rank)
     return min(r, full)
 
 
-def compress_exclusive(tau_state_dict: Mapping[str, Tensor], rank: float | int = 0.1) -> Expert:
-    """Truncated SVD of every 2-D delta (float rank = fraction of min(dims), int = absolute); 1-D dense."""
+def truncated_svd(tau: Tensor, r: int) -> LowRank:
+    """The best rank-r approximation of a 2-D tensor (Eckart-Young) as factors."""
+    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    return LowRank(us=(u[:, :r] * s[:r]).contiguous(), v=vh[:r].T.contiguous())
+
+
+def compress_exclusive(tau_state_dict: Mapping[str, Tensor], rank: float | int = 0.1,
+                       rounding: str = "round") -> Expert:
+    """Truncated SVD of every 2-D delta (rank: see resolve_rank); 1-D deltas stay dense."""
     out: Expert = {}
     for name, tau in tau_state_dict.items():
         if tau.dim() == 2:
-            r = _resolve_rank(rank, tau.shape)
-            u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-            out[name] = LowRank(us=(u[:, :r] * s[:r]).contiguous(), v=vh[:r].T.contiguous())
+            out[name] = truncated_svd(tau, resolve_rank(rank, tau.shape, rounding))
         elif tau.dim() <= 1:
             out[name] = tau.clone()
         else:
             raise ValueError(f"compress_exclusive: {name} has {tau.dim()} dims; only 1-D/2-D supported")
     return out
+
+
+def shared_exclusions(names: Iterable[str], classifier: Iterable[str] = (), biases: bool = True) -> list[str]:
+    """The tensors the official Twin-Merging code leaves out of the shared (task-arithmetic) merge: the
+    classifier (`classifier`: exact names) and, with `biases`, every tensor whose name ends in ".bias"."""
+    head = set(classifier)
+    return [n for n in names if n in head or (biases and n.endswith(".bias"))]
 
 
 def exclusive_task_vectors(shared_state: Mapping[str, Tensor], finetuned: Mapping[str, Tensor],
@@ -146,6 +172,102 @@ def merge_explicit(shared_state: Mapping[str, Tensor], experts: Sequence[Expert]
     return out
 
 
+# ------------------------------------------------------------------------------------ LoRA, factor-wise
+# The official code merges LoRA fine-tunes factor by factor: the shared expert is A_sh = lam sum_t A_t and
+# B_sh = lam sum_t B_t (task arithmetic on the adapter tensors themselves), the exclusive experts are the
+# SVD-truncated differences dA_t = A_t - A_sh, dB_t = B_t - B_sh, and a routing w gives the adapter
+# A(w) = A_sh + sum_t w_t dA_t, B(w) = B_sh + sum_t w_t dB_t, i.e. W(w) = W_base + s B(w) A(w): bilinear in w,
+# unlike merging the dense deltas s B_t A_t.
+LoraPair = tuple[Tensor, Tensor]  # (A [r, in], B [out, r])
+
+
+def lora_factors(peft_model: nn.Module) -> tuple[dict[str, LoraPair], dict[str, float]]:
+    """(A, B) of every peft LoRA layer, keyed by the base weight's state-dict name (as lora_delta_state_dict),
+    and each layer's scaling (alpha / r): the layer's delta is scaling * B @ A."""
+    pairs: dict[str, LoraPair] = {}
+    scaling: dict[str, float] = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "get_delta_weight"):
+            for adapter in module.lora_A.keys():
+                if getattr(module, "fan_in_fan_out", False):
+                    raise ValueError(f"{name}: fan_in_fan_out LoRA layers are not supported")
+                key = name.replace("base_model.model.", "", 1) + ".weight"
+                pairs[key] = (module.lora_A[adapter].weight.detach().clone(),
+                              module.lora_B[adapter].weight.detach().clone())
+                scaling[key] = float(module.scaling[adapter])
+    if not pairs:
+        raise ValueError("no LoRA layers found in the given model")
+    return pairs, scaling
+
+
+def merge_lora_factors(method: str, factors: Sequence[Mapping[str, LoraPair]], **kw) -> dict[str, LoraPair]:
+    """Merge LoRA adapters factor-wise: A and B separately, each with models.merging's `method` over the
+    adapter tensors as task vectors from zero (task_arithmetic: lam * sum_t A_t and lam * sum_t B_t)."""
+    from .merging import MERGE_METHODS
+
+    fn = MERGE_METHODS[method]
+    out: dict[str, LoraPair] = {}
+    for key, (a0, b0) in factors[0].items():
+        a = fn(torch.zeros_like(a0), [f[key][0] for f in factors], **kw)
+        b = fn(torch.zeros_like(b0), [f[key][1] for f in factors], **kw)
+        out[key] = (a, b)
+    return out
+
+
+def lora_dense_state(base_state: Mapping[str, Tensor], factors: Mapping[str, LoraPair],
+                     scaling: Mapping[str, float]) -> dict[str, Tensor]:
+    """base_state with W = W_base + scaling * B @ A on every adapted weight."""
+    out = {k: v.clone() for k, v in base_state.items()}
+    for key, (a, b) in factors.items():
+        out[key] = out[key] + scaling[key] * (b.to(out[key].dtype) @ a.to(out[key].dtype))
+    return out
+
+
+def lora_factor_module(key: str) -> str:
+    """'model.layers.0.self_attn.q_proj.weight' -> 'model.layers.0.self_attn.q_proj' (expert names append
+    '.lora_A' / '.lora_B')."""
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def lora_factor_expert(shared: Mapping[str, LoraPair], tuned: Mapping[str, LoraPair], rank: float | int = 0.1,
+                       rounding: str = "round") -> Expert:
+    """The exclusive expert of one LoRA task, factor-wise: SVD of A_t - A_sh and of B_t - B_sh. Their rank:
+    the rank rule (resolve_rank) on the adapted weight's shape [out, in], at most the LoRA rank r (a factor
+    difference never has more), so a fraction keeps the same budget per weight as the dense experts."""
+    out: Expert = {}
+    for key, (a_sh, b_sh) in shared.items():
+        a_t, b_t = tuned[key]
+        r = min(a_t.shape[0], resolve_rank(rank, (b_t.shape[0], a_t.shape[1]), rounding))
+        mod = lora_factor_module(key)
+        out[f"{mod}.lora_A"] = truncated_svd(a_t - a_sh, r)
+        out[f"{mod}.lora_B"] = truncated_svd(b_t - b_sh, r)
+    return out
+
+
+def _dense(value: "LowRank | Tensor") -> Tensor:
+    return value.dense() if isinstance(value, LowRank) else value
+
+
+def merge_lora_factorwise(base_state: Mapping[str, Tensor], shared: Mapping[str, LoraPair],
+                          experts: Sequence[Expert], w_single: Sequence[float] | Tensor,
+                          scaling: Mapping[str, float]) -> dict[str, Tensor]:
+    """The explicitly merged state dict of one routing w: W = W_base + s (B_sh + sum_t w_t dB_t)
+    (A_sh + sum_t w_t dA_t) on every adapted weight."""
+    w = torch.as_tensor(w_single, dtype=torch.float64)
+    if w.numel() != len(experts):
+        raise ValueError(f"{w.numel()} routing weights for {len(experts)} experts")
+    merged = {}
+    for key, (a, b) in shared.items():
+        mod = lora_factor_module(key)
+        a, b = a.clone(), b.clone()
+        for t, e in enumerate(experts):
+            if f"{mod}.lora_A" in e:
+                a = a + float(w[t]) * _dense(e[f"{mod}.lora_A"]).to(a.dtype)
+                b = b + float(w[t]) * _dense(e[f"{mod}.lora_B"]).to(b.dtype)
+        merged[key] = (a, b)
+    return lora_dense_state(base_state, merged, scaling)
+
+
 class _Routing:
     """Per-sample routing weights [B, T] shared by all wrapped modules of one model, plus what the modules
     derive from them once per routing (not once per module): the active tasks, whether all rows are equal,
@@ -158,6 +280,7 @@ class _Routing:
         self.skip_below = 0.0
         self.cache_merged = True
         self._memo: dict = {}
+        self._scratch: Tensor | None = None
 
     def set(self, w: Tensor | None, skip_below: float = 0.0, cache_merged: bool = True) -> None:
         if w is not None and (w.dim() != 2 or w.shape[1] != self.num_experts):
@@ -186,6 +309,17 @@ class _Routing:
             act = self.w.abs().amax(dim=0) > 0
             self._memo["active"] = None if bool(act.all()) else act
         return self._memo["active"]
+
+    def scratch(self, numel: int, like: Tensor) -> Tensor | None:
+        """A flat work buffer of `numel` elements shared by all wrapped modules of the model, reused across
+        calls (a fresh allocation of megabytes per layer costs page faults); None while autograd records
+        (a buffer that backward may read must not be overwritten)."""
+        if torch.is_grad_enabled():
+            return None
+        buf = self._scratch
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel]
 
     def uniform(self) -> bool:
         """Every sample has the same routing (then one merged weight serves the whole batch)."""
@@ -226,6 +360,10 @@ class _LowRankPaths(nn.Module):
             self._merged_memo = (self.routing.version, build())
         return self._merged_memo[1]
 
+
+# Weight of one multiply-add of building per-sample merged weights (memory-bound) against one of a GEMM, in
+# the dense path's cost model (LowRankExpertLinear._dense_pays).
+DENSE_COST_FACTOR = 4.0
 
 # Sibling linears that the usual transformer blocks feed the SAME input tensor.
 SHARED_INPUT_SIBLINGS = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
@@ -293,7 +431,7 @@ class LowRankExpertLinear(_LowRankPaths):
         if self.routing.uniform():
             weight, bias = self._merged(lambda: self._merge_row(w[0]))
             return nn.functional.linear(x, weight, bias)
-        if self.dense_stack is not None and x.dim() >= 2:
+        if self.dense_stack is not None and x.dim() >= 2 and self._dense_pays(x):
             return self._forward_dense(x, w)
         y = self.base(x)
         us, v, rank_task = self._factors()
@@ -313,23 +451,49 @@ class LowRankExpertLinear(_LowRankPaths):
         stack = [self.us_cat[:, self.rank_task == t] @ self.v_cat[:, self.rank_task == t].T
                  for t in range(len(self.ranks))]
         self.dense_stack = torch.stack(stack)
+        self._stack_memo: tuple = (-1, None)
+
+    def _dense_pays(self, x: Tensor) -> bool:
+        """Whether per-sample merged weights are cheaper than the low-rank paths for this input: building them
+        costs T_active * out * in multiply-adds per sample, memory-bound (counted DENSE_COST_FACTOR times),
+        the low-rank paths S * R * (out + in) (S tokens per sample, R active factor columns). Long sequences
+        take the dense path; decoding one token at a time takes the low-rank paths."""
+        out_f, in_f = self.base.weight.shape
+        v = self._factors()[1]
+        act = self.routing.active()
+        tasks = len(self.ranks) if act is None else int(act.sum())
+        tokens = x.numel() // (x.shape[0] * in_f)
+        return tokens * v.shape[1] * (out_f + in_f) > DENSE_COST_FACTOR * tasks * out_f * in_f
+
+    def _active_stack(self) -> tuple[Tensor, Tensor | None]:
+        act = self.routing.active()
+        if act is None:
+            return self.dense_stack, None
+        if self._stack_memo[0] != self.routing.version:  # one copy per routing, not one per call
+            self._stack_memo = (self.routing.version, self.dense_stack[act.to(self.dense_stack.device)])
+        return self._stack_memo[1], act
 
     def _forward_dense(self, x: Tensor, w: Tensor) -> Tensor:
         b = x.shape[0]
-        act = self.routing.active()
-        stack = self.dense_stack
+        stack, act = self._active_stack()
         if act is not None:  # tasks routed 0 for the whole batch cost nothing
-            w, stack = w[:, act], stack[act.to(stack.device)]
+            w = w[:, act]
         out_f, in_f = self.base.weight.shape
-        # W_b = W + sum_t w[b, t] D_t for every sample, as one GEMM (K = T) with W broadcast as the addend
-        weights = torch.addmm(self.base.weight.reshape(1, -1), w, stack.reshape(stack.shape[0], -1))
-        weights = weights.view(b, out_f, in_f)
+        # W_b = W + sum_t w[b, t] D_t for every sample, as one GEMM (K = T) with W broadcast as the addend,
+        # written into the model's reused work buffer
+        flat = stack.reshape(stack.shape[0], -1)
+        buf = self.routing.scratch(b * out_f * in_f, x)
+        if buf is None:
+            weights = torch.addmm(self.base.weight.reshape(1, -1), w, flat)
+        else:
+            weights = torch.addmm(self.base.weight.reshape(1, -1), w, flat, out=buf.view(b, -1))
         x3 = x.reshape(b, -1, x.shape[-1])
-        y = torch.bmm(x3, weights.transpose(1, 2))
+        y = torch.bmm(x3, weights.view(b, out_f, in_f).transpose(1, 2))
         if self.base.bias is not None:
             y += self.base.bias
         if self.bias_stack is not None:
-            y += (w @ self.bias_stack).unsqueeze(1)
+            y += (w @ self.bias_stack[act.to(self.bias_stack.device)] if act is not None
+                  else w @ self.bias_stack).unsqueeze(1)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def _merge_row(self, w_row: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -369,6 +533,18 @@ class LowRankExpertEmbedding(_LowRankPaths):
         return e
 
 
+def _unit_copy(norm: nn.Module) -> nn.Module:
+    """A copy of an elementwise-affine norm with weight 1 and bias 0 (non-persistent buffers, so they follow
+    .to() but stay out of the state dict): norm(x; 1, 0)."""
+    unit = copy.deepcopy(norm)
+    for name, fill in (("weight", 1.0), ("bias", 0.0)):
+        p = getattr(unit, name, None)
+        if isinstance(p, torch.Tensor):
+            delattr(unit, name)
+            unit.register_buffer(name, torch.full_like(p.detach(), fill), persistent=False)
+    return unit
+
+
 class DenseDeltaNorm(nn.Module):
     """Norm whose output is linear in its elementwise `weight` (and `bias`): RMSNorm, LayerNorm.
     norm(x; W + dW, b + db) = unit(x) * (W + dW) + b + db, with unit(x) = norm(x; 1, 0) computed once."""
@@ -377,6 +553,7 @@ class DenseDeltaNorm(nn.Module):
                  bias_deltas: Sequence[Tensor | None], routing: _Routing) -> None:
         super().__init__()
         self.base, self.routing = base, routing
+        self.unit = _unit_copy(base)
         dt = base.weight.dtype
         zeros = torch.zeros_like(base.weight)
         self.register_buffer("w_stack", torch.stack([d.to(dt) if d is not None else zeros for d in weight_deltas]))
@@ -390,10 +567,7 @@ class DenseDeltaNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.routing.get(x.shape[0], x)
-        params = {"weight": torch.ones_like(self.base.weight)}
-        if self.has_bias:
-            params["bias"] = torch.zeros_like(self.base.bias)
-        unit = torch.func.functional_call(self.base, params, (x,))
+        unit = self.unit(x)
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
         gain = self.base.weight + (w @ self.w_stack).view(shape)
         y = unit * gain
@@ -429,7 +603,7 @@ def attach_lowrank_experts(model: nn.Module, shared_state: Mapping[str, Tensor],
             for e in experts:
                 f = e.get(wk)
                 if f is not None and not isinstance(f, LowRank):
-                    f = compress_exclusive({wk: f}, rank=min(f.shape))[wk]  # dense 2-D given: exact factors
+                    f = truncated_svd(f, min(f.shape))  # dense 2-D given: exact factors
                 factors.append(f)
             wrapped = LowRankExpertLinear(module, factors, [e.get(bk) for e in experts], routing)
             if dense_deltas:
@@ -484,6 +658,75 @@ def set_routing_weights(model: nn.Module, w: Tensor | None, skip_below: float = 
     routing.set(w, skip_below=skip_below, cache_merged=cache_merged)
 
 
+class LoraFactorExpertLinear(nn.Module):
+    """A Linear with factor-wise LoRA experts: y = W_base x + s B(w_b) (A(w_b) x) per sample b, where
+    A(w) = A_sh + sum_t w_t dA_t and B(w) = B_sh + sum_t w_t dB_t. With A_cat = [A_sh; dA_1; ...; dA_T] and
+    B_cat = [B_sh | dB_1 | ... | dB_T] (the factor differences kept dense: each is only r x in or out x r):
+    p = x A_cat^T, u = p_0 + sum_t w_t p_t, y += s [u, w_1 u, ..., w_T u] B_cat^T: two narrow matmuls, exact.
+    A batch whose samples share one routing uses the merged weight W + s B(w) A(w), built once per routing."""
+
+    def __init__(self, base: nn.Linear, a_sh: Tensor, b_sh: Tensor, d_a: Sequence[Tensor | None],
+                 d_b: Sequence[Tensor | None], scaling: float, routing: _Routing) -> None:
+        super().__init__()
+        self.base, self.routing, self.scaling = base, routing, float(scaling)
+        dt = base.weight.dtype
+        r = a_sh.shape[0]
+        self.r = r
+        self.register_buffer("a_cat", torch.cat([a_sh.to(dt)] + [(d if d is not None else torch.zeros_like(a_sh))
+                                                                  .to(dt) for d in d_a]).contiguous())
+        self.register_buffer("b_cat", torch.cat([b_sh.to(dt)] + [(d if d is not None else torch.zeros_like(b_sh))
+                                                                  .to(dt) for d in d_b], dim=1).contiguous())
+        self._merged_memo: tuple = (-1, None)
+
+    def _ab(self, w_row: Tensor) -> tuple[Tensor, Tensor]:
+        """A(w), B(w) of one routing row."""
+        n, r = len(w_row) + 1, self.r
+        ext = torch.cat([w_row.new_ones(1), w_row])
+        a = (ext.view(n, 1, 1) * self.a_cat.view(n, r, -1)).sum(dim=0)
+        b = (self.b_cat.view(self.b_cat.shape[0], n, r) * ext.view(1, n, 1)).sum(dim=1)
+        return a, b
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        w = self.routing.get(b, x)
+        if self.routing.uniform():
+            if self._merged_memo[0] != self.routing.version:
+                a, bb = self._ab(w[0])
+                self._merged_memo = (self.routing.version, torch.addmm(self.base.weight, bb, a, alpha=self.scaling))
+            return nn.functional.linear(x, self._merged_memo[1], self.base.bias)
+        y = self.base(x)
+        n, r = w.shape[1] + 1, self.r
+        ext = torch.cat([w.new_ones(b, 1), w], dim=1)  # [B, T + 1]: weight 1 for the shared factors
+        p = (x @ self.a_cat.T).view(b, -1, n, r)
+        u = (p * ext.view(b, 1, n, 1)).sum(dim=2)  # A(w_b) x
+        q = (u.unsqueeze(2) * ext.view(b, 1, n, 1)).reshape(-1, n * r)  # [u, w_1 u, ..., w_T u]
+        y.view(-1, y.shape[-1]).addmm_(q, self.b_cat.T, alpha=self.scaling)
+        return y
+
+
+def attach_lora_factor_experts(model: nn.Module, base_state: Mapping[str, Tensor],
+                               shared: Mapping[str, LoraPair], experts: Sequence[Expert],
+                               scaling: Mapping[str, float]) -> nn.Module:
+    """Load the BASE weights into `model` (in place) and wrap every Linear that has LoRA factors: `shared`
+    maps its weight's state-dict name to (A_sh, B_sh); each expert holds `<module>.lora_A` / `.lora_B`
+    (LowRank or dense; see lora_factor_expert). set_routing_weights / TwinMergedModel then work as with
+    attach_lowrank_experts; all-zero routing weights give the shared model base + s B_sh A_sh."""
+    model.load_state_dict(dict(base_state), strict=False)
+    routing = _Routing(len(experts))
+    for key, (a_sh, b_sh) in shared.items():
+        mod_name = lora_factor_module(key)
+        module = model.get_submodule(mod_name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"LoRA factors for {mod_name}, a {type(module).__name__} (not a Linear)")
+        d_a = [_dense(e[f"{mod_name}.lora_A"]) if f"{mod_name}.lora_A" in e else None for e in experts]
+        d_b = [_dense(e[f"{mod_name}.lora_B"]) if f"{mod_name}.lora_B" in e else None for e in experts]
+        wrapped = LoraFactorExpertLinear(module, a_sh, b_sh, d_a, d_b, scaling[key], routing)
+        parent_name, _, child = mod_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
+    model._twin_routing = routing  # type: ignore[attr-defined]
+    return model
+
+
 def mean_pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
     """Mask-aware mean over the sequence: [B, S, H] -> [B, H]."""
     if attention_mask is None:
@@ -493,7 +736,8 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
 
 
 class TaskRouter(nn.Module):
-    """MLP over the shared model's mean-pooled last hidden state -> T logits."""
+    """The router of protocol `ours`: LayerNorm -> Linear(hidden, width) -> GELU -> Dropout -> Linear(width, T),
+    over the shared model's pooled last hidden state -> T logits."""
 
     def __init__(self, hidden_size: int, num_tasks: int, width: int = 64, dropout: float = 0.0) -> None:
         super().__init__()
@@ -502,6 +746,37 @@ class TaskRouter(nn.Module):
 
     def forward(self, pooled: Tensor) -> Tensor:
         return self.net(pooled)
+
+
+class PaperRouter(nn.Module):
+    """The router of the official Twin-Merging code (its `SimpleMLP`): three linear layers,
+    Linear(hidden, width) -> BatchNorm1d -> LeakyReLU -> Dropout(0.5) -> Linear(width, width) -> BatchNorm1d ->
+    LeakyReLU -> Dropout(0.5) -> Linear(width, T). (The official width is 1024 in its generative code and
+    2 x hidden in its discriminative code.) BatchNorm: call .eval() before inference."""
+
+    def __init__(self, hidden_size: int, num_tasks: int, width: int = 1024, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(hidden_size, width), nn.BatchNorm1d(width)
+        self.fc2, self.bn2 = nn.Linear(width, width), nn.BatchNorm1d(width)
+        self.fc3 = nn.Linear(width, num_tasks)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        x = self.dropout(nn.functional.leaky_relu(self.bn1(self.fc1(pooled))))
+        x = self.dropout(nn.functional.leaky_relu(self.bn2(self.fc2(x))))
+        return self.fc3(x)
+
+
+ROUTER_ARCHS = ("paper", "ours")
+
+
+def build_router(arch: str, hidden_size: int, num_tasks: int, width: int) -> nn.Module:
+    """`paper`: PaperRouter (dropout 0.5); `ours`: TaskRouter (no dropout)."""
+    if arch == "paper":
+        return PaperRouter(hidden_size, num_tasks, width=width)
+    if arch == "ours":
+        return TaskRouter(hidden_size, num_tasks, width=width)
+    raise ValueError(f"router arch must be one of {ROUTER_ARCHS}, got {arch!r}")
 
 
 def router_features(hidden: Tensor, attention_mask: Tensor | None, prefix_len: int | None = None) -> Tensor:
@@ -526,7 +801,7 @@ class TwinMergedModel(nn.Module):
     prefix_len: route on the state after the first prefix_len tokens (the router must have been trained on
     the same features); `generate` routes once on the prompt and keeps that routing for every new token."""
 
-    def __init__(self, model: nn.Module, router: TaskRouter, prefix_len: int | None = None) -> None:
+    def __init__(self, model: nn.Module, router: nn.Module, prefix_len: int | None = None) -> None:
         super().__init__()
         if getattr(model, "_twin_routing", None) is None:
             raise ValueError("attach_lowrank_experts(model, ...) first")

@@ -16,11 +16,27 @@ import os
 import sys
 
 BUILTIN = ("list", "show", "train", "resume", "export", "sync", "convert-checkpoint", "sweep")
+# Engine commands implemented in a module of their own: name -> module with main(argv) -> exit code.
+ENGINE_COMMANDS = {"dashboard": "recipes.engine.dashboard", "report": "recipes.engine.report",
+                   "data": "recipes.engine.data_prep", "plan": "recipes.engine.plan"}
 
 
 def _die(msg: str, code: int = 2) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return code
+
+
+def _record_cluster_signals_early() -> None:
+    """SLURM's SIGUSR1 / SIGTERM may arrive while imports and data set-up still run (their default action
+    kills the process): record them from the first instant; the run checkpoints at its first step boundary."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        from .engine.early_signals import record_early_signal
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, record_early_signal)
 
 
 def _list() -> int:
@@ -37,6 +53,11 @@ def _list() -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _record_cluster_signals_early()
+    if argv and argv[0] == "sync":  # no recipe needs importing for it (login nodes: fast)
+        from .engine.sync import main as sync_main
+
+        return int(sync_main(argv[1:]) or 0)
     from .engine.errors import ConfigError
     from .engine.recipe import all_commands, recipe_names
 
@@ -47,17 +68,17 @@ def main(argv=None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     extra = all_commands()
-    if cmd not in BUILTIN and cmd not in extra:
+    if cmd not in BUILTIN and cmd not in extra and cmd not in ENGINE_COMMANDS:
         cmd, rest = "train", argv
     try:
         if cmd == "list":
             return _list()
         if cmd in extra:
             return int(extra[cmd](rest) or 0)
-        if cmd == "sync":
-            from .engine.sync import sync_offline_runs
+        if cmd in ENGINE_COMMANDS:
+            import importlib
 
-            return sync_offline_runs(rest[0] if rest else "runs")
+            return int(importlib.import_module(ENGINE_COMMANDS[cmd]).main(rest) or 0)
         if cmd == "export":
             from .engine.export import main as export_main
 

@@ -31,7 +31,7 @@ def _base_overrides(root: Path, data_cache: str):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, data_cache):
-    """A 4-step `adamoe` run (8 true + 8 null experts, top-4) and its export."""
+    """A 4-step `adamoe` run (the recipe's 8 true + 16 null experts, top-4) and its export."""
     from recipes.engine.export import export
     from recipes.engine.loop import train
 
@@ -49,26 +49,28 @@ def _rows(run_dir: Path):
 def test_short_adamoe_run_uses_fewer_true_experts_than_k(trained_run):
     run_dir = trained_run["run_dir"]
     summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = load_config("adamoe", trained_run["overrides"])
+    k = cfg.adamoe.top_k  # the recipe's k (3) over 8 true + its null experts
     tpt = summary["moe/true_experts_per_token"]
-    assert summary["step"] == 4 and summary["moe/top_k"] == 4 and summary["moe/reference_top_k"] == 2
-    assert 0.0 < tpt < 4.0  # null experts take some of the 4 slots
+    assert summary["step"] == 4 and summary["moe/top_k"] == k and summary["moe/reference_top_k"] == 2
+    assert 0.0 < tpt < k  # null experts take some of the k slots
     assert summary["moe/flops_vs_topk"] == pytest.approx(tpt / 2)
-    shares = [summary[f"moe/share_true_experts_{i}"] for i in range(5)]
+    shares = [summary[f"moe/share_true_experts_{i}"] for i in range(k + 1)]
     assert sum(shares) == pytest.approx(1.0)
     assert sum(i * s for i, s in enumerate(shares)) == pytest.approx(tpt)  # mean of the share histogram
 
     rows = [r for r in _rows(run_dir) if r.get("train/loss")]
     assert rows
-    cfg = load_config("adamoe", trained_run["overrides"])
     for r in rows:
         # the logged weighted losses are coefficient * the logged raw losses
         assert float(r["train/moe_lb"]) == pytest.approx(cfg.adamoe.lb_coef * float(r["moe/aux_loss"]), rel=1e-5)
         assert float(r["train/moe_z"]) == pytest.approx(cfg.adamoe.z_coef * float(r["moe/z_loss"]), rel=1e-5)
         assert 0.0 <= float(r["moe/null_slot_fraction"]) <= 1.0 and float(r["moe/router_entropy"]) > 0
         used = float(r["moe/true_experts_per_token"])
-        assert used == pytest.approx(4 * (1 - float(r["moe/null_slot_fraction"])), abs=1e-5)  # no capacity drops
+        assert used == pytest.approx(k * (1 - float(r["moe/null_slot_fraction"])), abs=1e-5)  # no capacity drops
         for layer in range(2):  # per-layer expert loads are shares of that layer's slots
-            assert sum(float(r[f"moe/load/l{layer}_e{e}"]) for e in range(16)) == pytest.approx(1.0, abs=1e-5)
+            experts = 8 + cfg.adamoe.num_null_experts
+            assert sum(float(r[f"moe/load/l{layer}_e{e}"]) for e in range(experts)) == pytest.approx(1.0, abs=1e-5)
     val = [r for r in _rows(run_dir) if r.get("val/moe_true_experts_per_token")]
     assert float(val[-1]["val/moe_true_experts_per_token"]) == pytest.approx(tpt, rel=1e-6)
 
@@ -191,8 +193,12 @@ def test_choice_scores_equal_unpadded_reference(trained_run):
 
 
 def _finetune_overrides(trained_run):
-    overrides = _base_overrides(trained_run["root"], load_config("adamoe", trained_run["overrides"]).data.cache_dir)
+    trained = load_config("adamoe", trained_run["overrides"])
+    overrides = _base_overrides(trained_run["root"], trained.data.cache_dir)
     return overrides + [f"model.pretrained={trained_run['export']}", f"adamoe_finetune.train_file={FIXTURE}",
+                        # the export's own null experts and k (a retrofitted checkpoint refuses others)
+                        f"adamoe.num_null_experts={trained.adamoe.num_null_experts}",
+                        f"adamoe.top_k={trained.adamoe.top_k}",
                         f"adamoe_finetune.eval_file={FIXTURE}", "adamoe.lora_r=2", "trainer.max_steps=3",
                         "data.block_size=16", "data.batch_size=4", "data.val_fraction=0.25",
                         "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "optim.lr=1e-2",

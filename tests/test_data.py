@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from data.config import DataConfig
-from data.corpus import DataError, Document, embedded_documents, file_documents, split_documents
-from data.datamodule import LMDataModule, ShardedBlockSampler, pack_sequences, shard_indices
+from data.corpus import DataError, Document, check_data_file, embedded_documents, split_documents
+from data.datamodule import LMDataModule, ShardedBlockSampler, pack_sequences, permute, shard_indices
 from data.tokenizers import train_tokenizer
 
 
@@ -24,6 +24,26 @@ def test_shard_indices_cover_and_pad():
     a = shard_indices(10, 0, 2, 0, 7, True) + shard_indices(10, 1, 2, 0, 7, True)
     assert sorted(a) == list(range(10))
     assert shard_indices(10, 0, 2, 0, 7, True) != shard_indices(10, 0, 2, 1, 7, True)
+
+
+def test_permutation_is_a_seeded_bijection_evaluated_anywhere():
+    for n in (1, 2, 3, 5, 17, 1000, 4097):
+        full = permute(np.arange(n), n, seed=11)
+        assert sorted(full.tolist()) == list(range(n))
+        # evaluated at a few positions only, it agrees with the whole permutation
+        pos = np.array([n - 1, 0, n // 2])
+        assert permute(pos, n, seed=11).tolist() == full[pos].tolist()
+    a, b = permute(np.arange(1000), 1000, 1), permute(np.arange(1000), 1000, 2)
+    assert a.tolist() != list(range(1000)) and a.tolist() != b.tolist()
+    # a shuffle, not a rotation: about half of the adjacent pairs change order
+    assert 0.35 < float(np.mean(np.diff(a) > 0)) < 0.65
+
+
+def test_validation_order_is_fixed_across_epochs():
+    s = ShardedBlockSampler(50, seed=3, shuffle=True, per_epoch=False)
+    first = list(iter(s))
+    s.set_epoch(4)
+    assert list(iter(s)) == first and sorted(first) == list(range(50)) and first != list(range(50))
 
 
 def test_sampler_resumes_mid_epoch():
@@ -66,18 +86,27 @@ def test_tokenizers_deterministic():
         assert a.decode(enc.ids).strip() == "def foo(x): return x"
 
 
-def test_file_errors_name_the_file(tmp_path):
+def test_file_errors_name_the_file(tmp_path, data_cache):
     with pytest.raises(DataError, match="not found: .*nope.txt"):
-        file_documents(str(tmp_path / "nope.txt"))
+        check_data_file(str(tmp_path / "nope.txt"))
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="empty.txt is empty"):
-        file_documents(str(tmp_path / "empty.txt"))
-    (tmp_path / "bad.txt").write_bytes(b"hello\nwor\xffld")
-    with pytest.raises(DataError, match=r"bad.txt is not valid UTF-8: byte 0xff at offset 9 \(line 2\)"):
-        file_documents(str(tmp_path / "bad.txt"))
+        check_data_file(str(tmp_path / "empty.txt"))
+    (tmp_path / "x.pdf").write_text("%PDF")
+    with pytest.raises(DataError, match="Unsupported data file type '.pdf'"):
+        check_data_file(str(tmp_path / "x.pdf"))
+
+    def prepare(path, **kw):
+        LMDataModule(DataConfig(source="files", files=[str(path)], vocab_size=300, block_size=4,
+                                cache_dir=str(tmp_path / "c"), **kw), progress=False).prepare()
+
+    (tmp_path / "bad.txt").write_bytes(b"hello\n\nwor\xffld")
+    for streaming in (True, False):  # read straight from the file, or through datasets' Arrow cache
+        with pytest.raises(DataError, match=r"bad.txt is not valid UTF-8: byte 0xff at offset 10 \(line 3\)"):
+            prepare(tmp_path / "bad.txt", streaming=streaming)
     (tmp_path / "x.jsonl").write_text(json.dumps({"body": "a"}) + "\n")
-    with pytest.raises(DataError, match="no 'text' field"):
-        file_documents(str(tmp_path / "x.jsonl"))
+    with pytest.raises(DataError, match="x.jsonl has no column 'text'"):
+        prepare(tmp_path / "x.jsonl")
 
 
 def test_local_files_and_block_size_error(tmp_path, data_cache):
@@ -89,9 +118,10 @@ def test_local_files_and_block_size_error(tmp_path, data_cache):
     dm = LMDataModule(s)
     dm.prepare()
     assert dm.domain_names == ["a", "b"]
+    assert dm.stats["docs"]["a"]["train"] + dm.stats["docs"]["a"]["val"] == 30
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (4, 32)
-    assert set(np.unique(dm.train_set.domains)) == {0, 1}
+    assert set(np.unique(np.asarray(dm.train_set.domains))) == {0, 1}
     big = DataConfig(source="files", files=(str(tmp_path / "a.txt"),), vocab_size=300, block_size=100000,
                        cache_dir=str(tmp_path / "c"))
     with pytest.raises(DataError, match="data.block_size=100000 is larger than"):

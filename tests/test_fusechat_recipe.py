@@ -128,6 +128,83 @@ def test_fuse_command_continues_a_run_with_its_saved_settings(tiny_overrides, ti
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary) >= {"represent", "align"} and "merge" not in summary
 
+def _recomputed_alignments(run_dir, models, source, options):
+    """Every represented block of `source` aligned again from its token ids with data.alignment directly:
+    [(source ids, pivot ids, alignment, one-to-one matches)]."""
+    from transformers import AutoTokenizer
+
+    from data.alignment import align_token_sequences, one_to_one_matches, substring_weight_of
+    from recipes.fusechat.common import tokenizer_kind
+
+    piv_tok = AutoTokenizer.from_pretrained(str(models["pivot"]))
+    src_tok = AutoTokenizer.from_pretrained(str(models[source]))
+    kinds = tokenizer_kind(src_tok), tokenizer_kind(piv_tok)
+    out = []
+    for shard in sorted((run_dir / "represent" / "pivot").glob("shard-*")):
+        piv, src = load_safetensors(shard), load_safetensors(run_dir / "represent" / source / shard.name)
+        for b in range(piv["input_ids"].shape[0]):
+            p_ids = piv["input_ids"][b][: int(piv["length"][b])].tolist()
+            s_ids = src["input_ids"][b][: int(src["length"][b])].tolist()
+            s_tokens, p_tokens = src_tok.convert_ids_to_tokens(s_ids), piv_tok.convert_ids_to_tokens(p_ids)
+            a = align_token_sequences(s_tokens, p_tokens, *kinds, substring_weight=substring_weight_of(options["cost"]),
+                                      ties=options["ties"])
+            out.append((s_ids, p_ids, a, one_to_one_matches(a, options["one_to_one"], s_tokens, p_tokens, *kinds)))
+    return out, src_tok, piv_tok, kinds
+
+
+def test_alignment_choices_default_to_ours_and_the_paper_preset_is_all_official(tiny_overrides, tiny_models):
+    from recipes.fusechat.config import align_options
+
+    def options(*extra):
+        return align_options(load_config("fusechat", _overrides(tiny_overrides, tiny_models, list(extra))).fusechat)
+
+    ours = {"cost": "containment_discount", "ties": "source_first", "one_to_one": "group", "ms_rule": "ours"}
+    assert options() == ours  # the recipe's default (measured better: README)
+    assert options("fusechat.align_preset=paper") == {k: "paper" for k in ours}
+    assert options("fusechat.align_preset=paper", "fusechat.align_cost=containment_discount") == {
+        "cost": "containment_discount", "ties": "paper", "one_to_one": "paper", "ms_rule": "paper"}
+
+
+@pytest.mark.parametrize("preset", ["paper", "ours"])
+def test_align_stage_follows_the_alignment_options(tiny_overrides, tiny_models, tmp_path, preset):
+    from data.alignment import TokenAlignment, vocab_map_statistics
+    from recipes.fusechat.align import vocab_list
+    from recipes.fusechat.config import align_options
+
+    cfg = load_config("fusechat", _overrides(tiny_overrides, tiny_models, [
+        f"fusechat.align_preset={preset}", "fusechat.vocab_map=statistics"]))
+    options = align_options(cfg.fusechat)
+    assert options == {"paper": {"cost": "paper", "ties": "paper", "one_to_one": "paper", "ms_rule": "paper"},
+                       "ours": {"cost": "containment_discount", "ties": "source_first", "one_to_one": "group",
+                                "ms_rule": "ours"}}[preset]
+    run_dir = tmp_path / "fc"
+    summary = fusechat.run_stages(cfg, run_dir, ["represent", "align"])
+    assert {k: summary["align"]["code"][k] for k in options} == options
+    recomputed, src_tok, piv_tok, kinds = _recomputed_alignments(run_dir, tiny_models, "code", options)
+    # The stored matches and DTW paths are data.alignment's for these options, block by block.
+    stored = [load_safetensors(p) for p in sorted((run_dir / "align" / "code").glob("match-*"))]
+    blocks = [(m, b) for m in stored for b in range(m["tgt_to_src"].shape[0])]
+    assert len(blocks) == len(recomputed) == 20
+    for (m, b), (_, p_ids, a, matches) in zip(blocks, recomputed):
+        n = len(p_ids)
+        assert m["tgt_to_src"][b][:n].tolist() == matches.tolist()
+        first, last = a.tgt_src_ranges()
+        assert m["src_first"][b][:n].tolist() == first.tolist() and m["src_last"][b][:n].tolist() == last.tolist()
+    # The statistics map: the official rule counts every path pair, ours the one-to-one pairs.
+    if options["ms_rule"] == "paper":
+        corpus = [(s_ids, p_ids, a) for s_ids, p_ids, a, _ in recomputed]
+    else:
+        corpus = [(s_ids, p_ids, TokenAlignment(len(s_ids), len(p_ids), (), tuple(
+            ((int(i),), (j,)) for j, i in enumerate(matches) if i >= 0), 0.0))
+            for s_ids, p_ids, _, matches in recomputed]
+    expected = vocab_map_statistics(corpus, vocab_list(src_tok, len(src_tok)), vocab_list(piv_tok, len(piv_tok)),
+                                    *kinds, rule=options["ms_rule"])
+    assert np.load(run_dir / "align" / "code" / "vocab_map-statistics.npy").tolist() == expected.tolist()
+    fractions = summary["align"]["code"]
+    assert 0 < fractions["matched_same_end_fraction"] <= fractions["matched_fraction"] <= 1
+    assert fractions["matched_fraction"] == pytest.approx(fractions["one_to_one_fraction"])
+
+
 def test_represent_outputs_match_an_independent_forward(tiny_overrides, tiny_models, tmp_path):
     from models.factory import load_pretrained
 
@@ -275,7 +352,10 @@ def test_config_errors_are_clear(tiny_overrides, tiny_models):
            "fusechat.pivot.name=code": "must be distinct", "fusechat.pivot.name=a/b": "fusechat.pivot.name",
            "fusechat.pivot.pretrained=/nonexistent/model": "not a save_pretrained directory",
            "fusechat.pivot.steps=5": "unknown embedded domain",
-           "fusechat.ms_min_count=0": "fusechat.ms_min_count", "fusechat.eval_batch_size=0": "eval_batch_size"}
+           "fusechat.ms_min_count=0": "fusechat.ms_min_count", "fusechat.eval_batch_size=0": "eval_batch_size",
+           "fusechat.align_preset=official": "fusechat.align_preset", "fusechat.align_cost=cosine": "align_cost",
+           "fusechat.align_ties=left": "fusechat.align_ties", "fusechat.one_to_one=strict": "fusechat.one_to_one",
+           "fusechat.ms_rule=median": "fusechat.ms_rule"}
     for override, message in bad.items():
         trains = override.startswith("fusechat.pivot.steps")
         extra = [override] + (["fusechat.pivot.domains=[python]"] if trains else [])

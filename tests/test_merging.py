@@ -123,3 +123,14 @@ def test_topk_mask_selection_equals_stable_sort_definition():
             expect[torch.sort(x.abs(), descending=True, stable=True).indices[:k]] = True
             got = topk_mask(x.view(-1, 1), density).view(-1)
             assert torch.equal(got, expect) and int(got.sum()) == k
+
+
+def test_merge_state_dicts_exclude_keeps_the_base_value():
+    base = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5])}
+    sds = [{"w": torch.tensor([2.0, 2.0]), "b": torch.tensor([1.5])},
+           {"w": torch.tensor([1.0, 4.0]), "b": torch.tensor([3.5])}]
+    out = merge_state_dicts("task_arithmetic", base, sds, lam=0.5, exclude=["b"])
+    assert torch.allclose(out["w"], torch.tensor([1.5, 3.0]))  # 1 + 0.5 * (1 + 0), 2 + 0.5 * (0 + 2)
+    assert torch.equal(out["b"], base["b"]) and out["b"] is not base["b"]  # a copy, never merged
+    # an excluded name need not exist in the merged models
+    assert torch.equal(merge_state_dicts("ties", base, [{"w": s["w"]} for s in sds], exclude=["b"])["b"], base["b"])

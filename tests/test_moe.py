@@ -378,7 +378,7 @@ def test_retrofit_with_zero_nulls_is_identity_and_shares_weights(factory):
 
 def test_retrofit_qwen2_keeps_shared_expert_and_unnormalised_weights():
     model = tiny_qwen2_moe()
-    retrofit(model, num_null_experts=2, top_k=3)
+    retrofit(model, num_null_experts=2, top_k=3, renormalize_true="false")  # the model's own (raw) weights
     model(INPUT_IDS)
     block = model.model.layers[0].mlp
     assert block.shared_expert is not None and block.shared_expert_gate is not None

@@ -29,12 +29,12 @@ def _base(root: Path, data_cache: str):
 # ------------------------------------------------------------------------------------------ the model
 
 
-def _block(cf_train=1.25, cf_eval=2.0, group="sequence", experts=8):
+def _block(cf_train=1.25, cf_eval=2.0, group="sequence", experts=8, order="token_major"):
     from models.moe import MoEConfig
     from models.openmoe import OpenMoEBlock
 
     cfg = MoEConfig(hidden_size=4, intermediate_size=8, num_experts=experts, top_k=2)
-    block = OpenMoEBlock(cfg, cf_train, cf_eval, group)
+    block = OpenMoEBlock(cfg, cf_train, cf_eval, group, order)
     with torch.no_grad():  # every token prefers expert 0, then expert 1 (feature 0 is always 1)
         block.gate.weight.zero_()
         block.gate.weight[0, 0] = 2.0
@@ -133,7 +133,7 @@ def analysis(openmoe_run):
     from recipes.openmoe.analyze import analyze
 
     report = analyze(openmoe_run["run_dir"], ["max_blocks=24", "batch_size=8", "position_buckets=4",
-                                              "min_token_count=2"], progress=False)
+                                              "min_token_count=2", "spec_threshold=20"], progress=False)
     return report
 
 
@@ -172,7 +172,8 @@ def test_analyze_report_keys_ranges_and_figures(openmoe_run, analysis):
     run_dir = openmoe_run["run_dir"]
     report = json.loads((run_dir / "analysis" / "report.json").read_text())
     assert [c["step"] for c in report["checkpoints"]] == [3, 6]
-    assert report["capacity"]["capacity_factor"] == 2.0 and report["capacity"]["group"] == "sequence"
+    assert report["capacity"]["capacity_factor"] == 2.0 and report["capacity"]["group"] == "batch"
+    assert report["capacity"]["drop_order"] == "colossalai"  # the recipe's default
     assert report["data"]["blocks"] == 24 and report["data"]["tokens"] == 24 * 32
     assert set(report["data"]["blocks_per_domain"].values()) == {8}  # an equal share per domain
     layers = report["layers"]
@@ -198,11 +199,31 @@ def test_analyze_report_keys_ranges_and_figures(openmoe_run, analysis):
             assert sum(L["load_share"]) == pytest.approx(1.0)
             sat = L["saturation_vs_final"]
             assert 0.0 <= sat["top1_agreement"] <= 1.0 and 0.0 <= sat["topk_overlap"] <= 1.0
+            paper = L["paper_specialisation"]  # spec_threshold=20 below: ids seen more than 20 times
+            assert paper["more_than"] == 20 and paper["token_id"]["n_groups"] > 0
+            assert paper["position"]["n_groups"] == 32  # every position of the 32-token blocks, seen 24 times
+            for group in ("token_id", "position"):
+                assert paper[group]["mean_std"] >= 0.0 and paper[group]["uniform_std"] > 0.0
+            early = L["early_routing_vs_final"]
+            assert 0.0 <= early["mean_tv"] <= 1.0 and 0.0 <= early["mean_js"] <= 1.0
+            assert early["n_groups"] == paper["token_id"]["n_groups"]  # the same frequent ids
+            orders = L["drop_rate_by_order"]
+            assert set(orders) == {"bucket_edges", "colossalai", "slot_major", "token_major"}
+            # the counterfactual of the model's own order (colossalai over each forward of 8 blocks) is its
+            # real drop rate: same routing, same groups, same rule
+            assert orders["colossalai"]["per_assignment"] == pytest.approx(drop["per_assignment"], abs=1e-12)
+            assert orders["colossalai"]["per_token"] == pytest.approx(drop["per_token"], abs=1e-12)
     final = report["checkpoints"][-1]["layers"]
     for name in layers:  # the final checkpoint against itself
         assert final[name]["saturation_vs_final"] == {"top1_agreement": 1.0, "topk_overlap": 1.0}
+        assert final[name]["early_routing_vs_final"]["mean_tv"] == 0.0
+    assert report["paper_layer"] == layers[-1]  # fewer than three MoE layers: the last one
+    summary = report["summary"]
+    assert summary["paper_layer"] == layers[-1] and summary["paper_specialisation"]["more_than"] == 20
+    assert set(summary["drop_rate_by_order_last_bucket"]) == {"colossalai", "slot_major", "token_major"}
+    assert list(summary["early_routing_tv_by_step"]) == ["3", "6"]
     for fig in ("load_heatmap", "drop_rate", "specialisation", "std_vs_uniform", "saturation", "coactivation",
-                "specialisation_over_steps"):
+                "specialisation_over_steps", "paper_specialisation", "early_routing", "drop_rate_by_order"):
         path = run_dir / "analysis" / f"{fig}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
     assert report["throughput"]["tokens_per_s"] > 0
@@ -261,6 +282,10 @@ def test_analyze_clear_errors(tmp_path, data_cache, openmoe_run):
         parse_options(["top_n=many"])
     with pytest.raises(AnalysisError, match="must be >= 1"):
         parse_options(["batch_size=0"])
+    with pytest.raises(AnalysisError, match="spec_threshold must be >= 0"):
+        parse_options(["spec_threshold=-1"])
+    with pytest.raises(AnalysisError, match="the model has 2 MoE layers"):  # before any checkpoint is read
+        analyze(openmoe_run["run_dir"], ["layer=2", "wandb=false"], progress=False, figures=False)
 
 
 def test_routing_probe_config_errors(tmp_path, data_cache):

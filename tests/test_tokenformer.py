@@ -140,10 +140,52 @@ def test_parameter_count_is_16nd_per_layer():
     assert per_layer == 16 * n * d
     for layer in model.layers:
         assert sum(p.numel() for p in layer.parameters()) == 16 * n * d
-    # Tied embedding counted once, final LayerNorm weight only, no biases anywhere.
-    assert model.num_parameters() == 50 * d + 3 * 16 * n * d + d
-    assert model.num_parameters(exclude_embeddings=True) == 3 * 16 * n * d + d
-    assert not any("bias" in name for name, _ in model.named_parameters())
+    # Tied embedding counted once; the final LayerNorm's weight and bias are the only other parameters.
+    assert model.num_parameters() == 50 * d + 3 * 16 * n * d + 2 * d
+    assert model.num_parameters(exclude_embeddings=True) == 3 * 16 * n * d + 2 * d
+    assert [name for name, _ in model.named_parameters() if "bias" in name] == ["final_norm.bias"]
+    weight_only = TokenFormerForCausalLM(TokenFormerConfig(**{**config.to_dict(), "final_norm_bias": False}))
+    assert weight_only.num_parameters() == 50 * d + 3 * 16 * n * d + d
+    assert not any("bias" in name for name, _ in weight_only.named_parameters())
+
+
+def test_final_norm_is_layernorm_with_weight_and_bias_as_the_official_code():
+    # The official model's final norm is torch LayerNorm(d) with weight and bias (final_norm: layernorm);
+    # checked against the definition (h - mean) / sqrt(var + eps) * w + b written out here.
+    model = tiny_model(seed=2)
+    with torch.no_grad():
+        model.final_norm.weight.normal_()
+        model.final_norm.bias.normal_()
+    captured = {}
+    model.final_norm.register_forward_hook(lambda m, inputs, out: captured.update(x=inputs[0], y=out))
+    model(random_ids(3))
+    x, y = captured["x"], captured["y"]
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + 1e-5) * model.final_norm.weight + model.final_norm.bias
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="final_norm_bias must be true or false"):
+        TokenFormerConfig.from_name("tiny", final_norm_bias="yes")
+
+
+def test_checkpoint_without_final_norm_bias_loads_as_zero_bias(tmp_path):
+    # The first form of this model: a weight-only final LayerNorm, and config.json without the key.
+    old = tiny_model(seed=5, final_norm_bias=False)
+    old.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["final_norm_bias"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert "final_norm.bias" not in load_file(str(tmp_path / "model.safetensors"))
+    loaded = TokenFormerForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.final_norm_bias is True
+    assert torch.equal(loaded.final_norm.bias, torch.zeros(32, dtype=torch.float64))
+    ids = random_ids(8)
+    assert torch.equal(loaded(ids).logits, old(ids).logits)
+    # Inside another module (a Lightning checkpoint's "model." prefix), strict loading works too.
+    wrapper, old_wrapper = torch.nn.Module(), torch.nn.Module()
+    wrapper.model, old_wrapper.model = tiny_model(seed=6), old
+    wrapper.load_state_dict(old_wrapper.state_dict(), strict=True)
+    assert torch.equal(wrapper.model(ids).logits, old(ids).logits)
 
 
 def test_init_scales():
@@ -268,6 +310,34 @@ def test_random_growth_changes_logits_and_config_is_updated():
     assert grown is model
     assert (model.config.qkv_tokens, model.config.ffn_tokens, model.config.tau) == (20, 80, "frozen")
     assert not torch.allclose(model(ids).logits, before, rtol=1e-6, atol=1e-6)
+
+
+def test_released_growth_matches_the_official_recipe_re_derived():
+    # The official growth (incremental-scaling configs): the larger model is built with its usual init
+    # (keys N(0, 0.02), values "wang" N(0, 2 / (L sqrt d))), the trained tokens are copied into the first
+    # rows, and every Pattention uses tau = sqrt(its new n). Re-derived here: the same generator draws, the
+    # concatenated tokens, and the Pattention formula of `reference_pattention` with tau = sqrt(n_new).
+    model = tiny_model(seed=9)
+    old = {name: (p.key_tokens.detach().clone(), p.value_tokens.detach().clone())
+           for name, p in model.pattentions().items()}
+    grow_parameter_tokens(model, {"qkv_tokens": 24, "ffn_tokens": 96}, init="released",
+                          generator=torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for name, p in model.pattentions().items():  # the growth order: layers, then query/key/value/output/ffn
+        keys, values = old[name]
+        n_new = 96 if name.endswith("ffn") else 24
+        new_keys = torch.empty(n_new - keys.shape[0], 32, dtype=torch.float64).normal_(0.0, 0.02, generator=g)
+        new_values = torch.empty(n_new - keys.shape[0], 32, dtype=torch.float64).normal_(
+            0.0, 2 / (2 * math.sqrt(32)), generator=g)
+        all_keys, all_values = torch.cat([keys, new_keys]), torch.cat([values, new_values])
+        assert torch.equal(p.key_tokens.detach(), all_keys) and torch.equal(p.value_tokens.detach(), all_values)
+        assert p.tau == math.sqrt(n_new) and p.tau_mode == "auto"
+        expected = reference_pattention(x, all_keys, all_values, "l2_norm_gelu", math.sqrt(n_new), 1e-6)
+        torch.testing.assert_close(p(x), expected, rtol=1e-9, atol=1e-12)
+    assert (model.config.qkv_tokens, model.config.ffn_tokens, model.config.tau) == (24, 96, "auto")
+    with pytest.raises(ValueError, match="official growth, which sets tau"):
+        grow_parameter_tokens(tiny_model(), {"qkv_tokens": 20}, init="released", tau="frozen")
 
 
 def test_new_tokens_get_gradients_after_zero_key_growth():

@@ -1,6 +1,10 @@
 """TokenFormer in the recipe system: factory registration, recipe `tokenformer`, recipe `tokenformer_grow`."""
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from models.tokenformer import TokenFormerForCausalLM, grow_parameter_tokens
 from recipes.engine.config import ConfigError, load_config
 from recipes.engine.logs import read_metrics
 from recipes.engine.loop import train
+from tests.conftest import ROOT
 
 
 def _overrides(root, data_cache):
@@ -103,7 +108,7 @@ def test_grow_recipe_preserves_loss_copies_rows_and_trains(source_run):
     # A grown run can be grown again (its checkpoint says what it is); tau=auto rescales the old
     # pre-activations, so the loss changes at growth (negative control of the preservation above).
     cfg2 = load_config("tokenformer_grow", overrides + [
-        f"tokenformer_grow.from_run={grown_dir}", "tokenformer_grow.qkv_tokens=24", "tokenformer_grow.ffn_tokens=0",
+        f"tokenformer_grow.from_run={grown_dir}", "tokenformer_grow.qkv_tokens=24", "tokenformer_grow.ffn_tokens=64",
         "tokenformer_grow.tau=auto", "tokenformer_grow.eval_batches=2", "trainer.max_steps=1", "run.run_id=g2"])
     summary2 = json.loads((train(cfg2) / "summary.json").read_text())
     assert (summary2["grow/from_qkv_tokens"], summary2["grow/to_qkv_tokens"]) == (16, 24)
@@ -139,8 +144,60 @@ def test_grow_refuses_other_recipes_sizes_and_shrinking(source_run, tmp_path):
         train(load_config("tokenformer_grow", overrides + [f"tokenformer_grow.from_run={src}",
                                                             "tokenformer_grow.qkv_tokens=8",
                                                             "tokenformer_grow.ffn_tokens=32", "trainer.max_steps=1"]))
+    with pytest.raises(ConfigError, match=r"nothing to grow \(grow_factor=1.0\)"):
+        train(load_config("tokenformer_grow", overrides + [f"tokenformer_grow.from_run={src}",
+                                                            "tokenformer_grow.grow_factor=1.0", "trainer.max_steps=1"]))
     with pytest.raises(ConfigError, match="from_run is not set"):
         train(load_config("tokenformer_grow", overrides + ["trainer.max_steps=1"]))
-    with pytest.raises(ConfigError, match="init must be one of random, zero_key"):
+    with pytest.raises(ConfigError, match="init must be one of random, zero_key, released"):
         train(load_config("tokenformer_grow", overrides + [f"tokenformer_grow.from_run={src}",
                                                             "tokenformer_grow.init=zero"]))
+    # Refused when the config is loaded: the released growth with a frozen tau, a shrinking factor.
+    with pytest.raises(ConfigError, match="init=released is the official growth"):
+        load_config("tokenformer_grow", overrides + ["tokenformer_grow.init=released", "tokenformer_grow.tau=frozen"])
+    with pytest.raises(ConfigError, match="grow_factor must be a finite number >= 1"):
+        load_config("tokenformer_grow", overrides + ["tokenformer_grow.grow_factor=0.5"])
+
+
+def test_grow_targets_default_to_grow_factor_times_the_source():
+    from models.tokenformer import TokenFormerConfig
+    from recipes.tokenformer.grow import growth_targets, resolved_tau
+
+    cfg = load_config("tokenformer_grow", [])
+    g, old = cfg.tokenformer_grow, TokenFormerConfig.from_name("small", qkv_tokens=24, ffn_tokens=100)
+    assert (g.qkv_tokens, g.ffn_tokens, g.grow_factor) == (0, 0, 2.0)
+    assert growth_targets(g, old) == {"qkv_tokens": 48, "ffn_tokens": 200}
+    g.grow_factor, g.ffn_tokens = 1.5, 120
+    assert growth_targets(g, old) == {"qkv_tokens": 36, "ffn_tokens": 120}
+    assert resolved_tau(g) == "frozen"  # zero_key keeps the pre-growth tau unless told otherwise
+    g.init = "released"
+    assert resolved_tau(g) == "auto"
+
+
+def _cli_train(recipe, args):
+    """`python -m recipes train <recipe> <args>`, what `make train RECIPE=<recipe> ARGS=...` runs; its run dir."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    r = subprocess.run([sys.executable, "-m", "recipes", "train", recipe, *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return Path([line for line in r.stdout.splitlines() if line.startswith("run_dir: ")][-1][len("run_dir: "):])
+
+
+def test_default_flow_train_then_grow_with_defaults(tmp_path, data_cache):
+    # make train RECIPE=tokenformer; make train RECIPE=tokenformer_grow ARGS="tokenformer_grow.from_run=<run>":
+    # every model and growth setting at its default (the `small` size, 64 / 256 tokens -> 2x), only the
+    # schedule and data made small.
+    quick = [f"run.root={tmp_path}", f"data.cache_dir={data_cache}", "logging.wandb=disabled",
+             "trainer.progress_bar=false", "data.max_chars_per_domain=200000", "trainer.max_steps=2",
+             "trainer.limit_val_batches=1"]
+    source = _cli_train("tokenformer", quick)
+    grown = _cli_train("tokenformer_grow", quick + [f"tokenformer_grow.from_run={source}"])
+    summary = json.loads((grown / "summary.json").read_text())
+    assert (summary["grow/from_qkv_tokens"], summary["grow/from_ffn_tokens"]) == (64, 256)
+    assert (summary["grow/to_qkv_tokens"], summary["grow/to_ffn_tokens"]) == (128, 512)
+    assert (summary["grow/init"], summary["grow/tau"]) == ("zero_key", "frozen")
+    assert summary["grow/val_loss_after"] == pytest.approx(summary["grow/val_loss_before"], rel=1e-6)
+    assert summary["step"] == 2
+    weights, ckpt = _last_weights(grown)
+    assert weights["layers.3.ffn.key_tokens"].shape == (512, 128)
+    assert weights["final_norm.bias"].shape == (128,)

@@ -82,7 +82,9 @@ def test_one_hot_routing_is_shared_plus_that_expert():
 
 
 @pytest.mark.parametrize("dense_deltas", [False, True])
-def test_lowrank_forward_equals_explicit_merge_per_sample(dense_deltas):
+def test_lowrank_forward_equals_explicit_merge_per_sample(dense_deltas, monkeypatch):
+    import models.twin as twin_module
+    monkeypatch.setattr(twin_module, "DENSE_COST_FACTOR", 0.0)  # the per-sample merged weights at any length
     model, shared, experts = _setup()
     attach_lowrank_experts(model, shared, experts, dense_deltas=dense_deltas)
     ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(2))
@@ -306,3 +308,29 @@ def test_prefix_routing_reads_only_the_prefix_and_generate_matches_the_merged_mo
     ref = tiny_llama()
     ref.load_state_dict(merge_explicit(shared, experts, twin.route(prompt)[0]))
     assert torch.equal(out, ref.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0))
+
+
+def test_dense_path_cost_model_and_work_buffer():
+    import models.twin as twin_module
+    model, shared, experts = _setup()  # rank 4 of 3 experts: R = 12 factor columns per 32 x 32 projection
+    attach_lowrank_experts(model, shared, experts, dense_deltas=True)
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    set_routing_weights(model, torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]], dtype=D))
+    # per-sample merged weights pay when S * R * (out + in) > 4 * T * out * in: S * 12 * 64 > 4 * 3 * 1024,
+    # i.e. from S = 17 tokens per sample; decoding one token at a time keeps the low-rank paths
+    assert not q._dense_pays(torch.zeros(2, 16, 32, dtype=D)) and q._dense_pays(torch.zeros(2, 17, 32, dtype=D))
+    assert twin_module.DENSE_COST_FACTOR == 4.0
+    # a task routed 0 everywhere leaves both sides: T = 2, R = 8 -> S * 8 * 64 > 4 * 2 * 1024, again S >= 17
+    set_routing_weights(model, torch.tensor([[0.2, 0.0, 0.8], [0.6, 0.0, 0.4]], dtype=D))
+    assert not q._dense_pays(torch.zeros(2, 16, 32, dtype=D)) and q._dense_pays(torch.zeros(2, 17, 32, dtype=D))
+    up = model.get_submodule("model.layers.0.mlp.up_proj")  # 48 x 32: S * 8 * 80 > 4 * 2 * 1536 from S = 20
+    assert not up._dense_pays(torch.zeros(2, 19, 32, dtype=D)) and up._dense_pays(torch.zeros(2, 20, 32, dtype=D))
+    ids = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(7))
+    w = torch.tensor([[0.2, 0.0, 0.8], [0.6, 0.0, 0.4]], dtype=D)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits  # long enough: the dense path, through the shared work buffer
+    assert model._twin_routing._scratch is not None
+    assert torch.allclose(got, _explicit_logits(shared, experts, w, ids), atol=1e-10, rtol=0)
+    # with autograd recording no buffer is reused (backward may need every per-sample weight)
+    with torch.enable_grad():
+        assert model._twin_routing.scratch(10, got) is None

@@ -10,8 +10,10 @@ from recipes.engine.loop import resume_run, train
 
 
 def test_twin_merging_pipeline_end_to_end_and_resumes(tiny_overrides):
+    # the paper protocol with a short router schedule (custom: the paper's values for the keys not set here)
     overrides = tiny_overrides + ["twin.base_steps=6", "twin.finetune_steps=3", "twin.eval_batches=1",
-                                  "twin.router_epochs=5", "run.run_id=e2e"]
+                                  "twin.protocol=custom", "twin.router_epochs=5", "twin.router_train_blocks=32",
+                                  "run.run_id=e2e"]
     run_dir = train(load_config("twin_merging", overrides))
     s = json.loads((run_dir / "summary.json").read_text())
     doms = ["pydoc", "stdlib", "licenses"]
@@ -76,27 +78,50 @@ def test_twin_merging_pipeline_end_to_end_and_resumes(tiny_overrides):
     assert s5["test_loss"]["task_arithmetic"] != s3["test_loss"]["task_arithmetic"]
 
 
-@pytest.mark.slow  # ~40 s: three Lightning runs; the fast path is tests/test_twin.py::test_recipe_builds_*
-def test_twin_merging_lora_finetunes_give_lora_experts(tiny_overrides):
+@pytest.mark.slow  # ~40 s each: three Lightning runs; the fast paths are tests/test_twin.py::test_recipe_builds_*
+@pytest.mark.parametrize("protocol", ["ours", "paper"])  # dense deltas s * B @ A | factor-wise (A, B)
+def test_twin_merging_lora_finetunes_give_lora_experts(tiny_overrides, protocol):
     from safetensors.torch import load_file
 
     from models.factory import load_pretrained
-    from models.twin import LowRank, load_experts
-    from recipes.twin_merging.experts import finetuned_state
+    from models.twin import LowRank, load_experts, lora_dense_state, merge_lora_factorwise
+    from recipes.twin_merging.experts import finetuned_lora_factors, finetuned_state, load_shared_lora
     rank, doms = 2, ["pydoc", "stdlib"]
     overrides = tiny_overrides + ["twin.base_steps=4", "twin.finetune_steps=2", "twin.eval_batches=1",
-                                  "twin.router_epochs=3", "run.run_id=lora", "twin.finetune=lora",
-                                  f"twin.lora_rank={rank}", "twin.lora_targets=[q_proj,v_proj]",
-                                  f"twin.rank={2 * rank}", "data.domains=[pydoc,stdlib]", "twin.finetune_lr=1e-2"]
+                                  "twin.protocol=custom", "twin.router_epochs=3", "twin.router_train_blocks=16",
+                                  "run.run_id=lora", "twin.finetune=lora", f"twin.lora_rank={rank}",
+                                  "twin.lora_targets=[q_proj,v_proj]", f"twin.rank={2 * rank}",
+                                  "data.domains=[pydoc,stdlib]", "twin.finetune_lr=1e-2"]
+    overrides += ["twin.lora_merge=dense"] if protocol == "ours" else []
     run_dir = train(load_config("twin_merging", overrides))
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["finetune"] == "lora" and set(s["test_loss"]["twin_merging"]) == set(doms)
-    # the fine-tune stage stored a peft adapter, not a full model
-    assert (run_dir / "ft_pydoc/hf/adapter_model.safetensors").exists()
-    assert not (run_dir / "ft_pydoc/hf/model.safetensors").exists()
+    # the fine-tune stage stored a peft adapter (the export's own folder or its adapter/ subfolder)
+    from recipes.twin_merging.experts import adapter_dir
+    assert (adapter_dir(run_dir / "ft_pydoc/hf") / "adapter_model.safetensors").exists()
     experts = load_experts(str(run_dir / "experts/experts.safetensors"))
     shared = load_file(str(run_dir / "experts/shared.safetensors"))
     base_sd = load_pretrained(str(run_dir / "base/hf")).state_dict()
+    if protocol == "paper":
+        # factor-wise: shared factors lam * sum_t A_t, lam * sum_t B_t; experts A_t - A_sh, B_t - B_sh (rank <= 2:
+        # kept exactly), so one-hot routing gives back each fine-tune and the shared model is base + s B_sh A_sh
+        shared_f = load_shared_lora(run_dir / "experts")
+        scaling = json.loads((run_dir / "experts/experts.json").read_text())["scaling"]
+        loaded = [finetuned_lora_factors(run_dir / "base/hf", run_dir / f"ft_{d}/hf") for d in doms]
+        for key, (a, b) in shared_f.items():
+            assert torch.allclose(a, 0.29 * (loaded[0][0][key][0] + loaded[1][0][key][0]), atol=1e-6)
+            assert torch.allclose(b, 0.29 * (loaded[0][0][key][1] + loaded[1][0][key][1]), atol=1e-6)
+        for k, v in lora_dense_state(base_sd, shared_f, scaling).items():
+            assert torch.allclose(shared[k], v, atol=1e-6)
+        for t, d in enumerate(doms):
+            assert all(k.endswith((".lora_A", ".lora_B")) and isinstance(v, LowRank) and v.rank == rank
+                       for k, v in experts[t].items())
+            one_hot = merge_lora_factorwise(base_sd, shared_f, experts, [float(i == t) for i in range(2)], scaling)
+            tuned, keys = finetuned_state("lora", run_dir / "base/hf", run_dir / f"ft_{d}/hf")
+            for k in tuned:
+                assert torch.allclose(one_hot[k], tuned[k], atol=1e-5)
+            assert max(float((tuned[k] - base_sd[k]).abs().max()) for k in keys) > 1e-4  # trained adapters
+        return
     for t, d in enumerate(doms):
         # experts cover exactly the adapted matrices, as factors
         assert experts[t] and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in experts[t])
@@ -229,3 +254,29 @@ def test_wandb_table_offline(tmp_path, monkeypatch):
     summary = {"domains": doms, "test_loss": table, "normalised_score": norm, "twin/normalised_mean/twin": 0.625}
     assert log_to_wandb(cfg, tmp_path, summary, fig) is True
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_twin_merging_cls_end_to_end(tiny_overrides):
+    # the classification setting at toy size: every stage runs, the table has the paper's score
+    overrides = tiny_overrides + ["twin.base_steps=4", "twin.finetune_steps=3", "twin.protocol=custom",
+                                  "twin.router_epochs=3", "twin.router_train_blocks=16", "twin.router_width=32",
+                                  "twin.eval_batches=1", "run.run_id=cls"]
+    run_dir = train(load_config("twin_merging_cls", overrides))
+    s = json.loads((run_dir / "summary.json").read_text())
+    tasks = ["stdlib_def", "pydoc_digit", "licenses_licence"]
+    methods = {"base", "task_arithmetic", "ties", "twin_merging"} | {f"finetuned_{t}" for t in tasks}
+    assert s["tasks"] == tasks and set(s["test_accuracy"]) == methods
+    for m in methods:
+        for t in tasks:
+            acc = s["test_accuracy"][m][t]
+            assert 0.0 <= acc <= 1.0
+            # the paper's score: accuracy / the accuracy of the task's fine-tuned model
+            assert s["normalised_accuracy"][m][t] == pytest.approx(acc / s["test_accuracy"][f"finetuned_{t}"][t])
+    for t in tasks:
+        assert s["normalised_accuracy"][f"finetuned_{t}"][t] == pytest.approx(1.0)
+        assert 0.5 <= s["majority_accuracy"][t] <= 1.0 and s["test_examples"][t] > 0
+    assert 0.0 <= s["router_test_acc"] <= 1.0
+    assert json.loads((run_dir / "router.json").read_text())["arch"] == "paper"
+    for t in tasks:
+        assert (run_dir / f"ft_{t}/head.safetensors").exists() and (run_dir / f"ft_{t}/body.safetensors").exists()
+    assert (run_dir / "scores.png").exists() and json.loads((run_dir / "table.json").read_text())["tasks"] == tasks

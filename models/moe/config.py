@@ -6,11 +6,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 NULL_GATE_INITS = ("copy", "random")
 LB_NULL_MODES = ("average", "none")
 LB_REDUCES = ("per_layer_sum", "concat")
+# f_e of the load-balancing loss: "slots" = assignments / (T * k) (sums to 1), "tokens" = assignments / T (sums
+# to k; Hugging Face Mixtral's `load_balancing_loss_func`, hence k times the "slots" value).
+LB_FRACTIONS = ("slots", "tokens")
+# How the selected true experts' weights are formed when null experts are present (`retrofit`):
+# "true" renormalise over the selected true experts (AdaMoE's formula), "false" keep the raw softmax
+# probabilities over all E_true + N_null experts, "auto" = "true" with null experts and the model's own rule
+# (Mixtral: renormalise; Qwen2-MoE / OLMoE: their `norm_topk_prob`) without them.
+RENORMALIZE_TRUE = ("auto", "true", "false")
+# The load-balancing settings of AdaMoE's two released training runs (github.com/CengZihao/AdaMoE); "custom"
+# takes lb_coef / lb_reduce / lb_null_mode / lb_fraction / z_coef as given. Neither release has a z-loss.
+#   released_mixtral     exp_2 (LLaMA-Factory, Mixtral-8x7B): transformers' Mixtral loss over the router
+#                        outputs of all layers concatenated, f_e = count_e / T, times E_total, every expert
+#                        balanced on its own (its null-averaging line slices the top-k axis: a no-op), 1e-4.
+#   released_llama_lora  exp_1 (MoLA, LLaMA + LoRA experts): per layer, f_e = count_e / (T * k) with the null
+#                        experts' counts replaced by their mean, times E_total, summed over layers, 1e-3.
+LB_PRESETS: Dict[str, Optional[Dict[str, Any]]] = {
+    "released_mixtral": {"lb_coef": 1e-4, "lb_reduce": "concat", "lb_null_mode": "none", "lb_fraction": "tokens",
+                         "z_coef": 0.0},
+    "released_llama_lora": {"lb_coef": 1e-3, "lb_reduce": "per_layer_sum", "lb_null_mode": "average",
+                            "lb_fraction": "slots", "z_coef": 0.0},
+    "custom": None,
+}
 # How SwiGLUExperts computes its experts: "loop" (two F.linear per expert with tokens), "grouped_mm" (two
 # torch.nn.functional.grouped_mm calls over all experts; falls back to the loop where it cannot run) or
 # "auto" (see `resolve_expert_impl`).
@@ -44,6 +66,7 @@ class MoEConfig:
     z_coef: float = 0.0  # router z-loss is not part of AdaMoE; off unless asked for
     lb_null_mode: str = "average"
     lb_reduce: str = "per_layer_sum"
+    lb_fraction: str = "slots"  # LB_FRACTIONS
     router_jitter_noise: float = 0.0  # Mixtral's multiplicative input jitter, training mode only
     init_std: float = 0.02
     hidden_act: str = "silu"
@@ -64,6 +87,7 @@ class MoEConfig:
         check_choice("null_gate_init", self.null_gate_init, NULL_GATE_INITS)
         check_choice("lb_null_mode", self.lb_null_mode, LB_NULL_MODES)
         check_choice("lb_reduce", self.lb_reduce, LB_REDUCES)
+        check_choice("lb_fraction", self.lb_fraction, LB_FRACTIONS)
         check_choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"MoEConfig.capacity_factor must be > 0 or None, got {self.capacity_factor}")
@@ -84,3 +108,12 @@ def check_choice(field: str, value: str, choices: Sequence[str]) -> None:
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_true_experts: int) -> int:
     """Slots per true expert: C = ceil(capacity_factor * T * k / E_true)."""
     return int(math.ceil(capacity_factor * num_tokens * top_k / num_true_experts))
+
+
+def colossalai_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int,
+                        min_capacity: int = 4) -> int:
+    """ColossalAI's MoE router capacity (OpenMoE's PyTorch code, `MoeRouter.get_capacity`): C = floor(k * cf * T /
+    E), plus 1 when odd, and at least `min_capacity`."""
+    capacity = int(math.floor(top_k * capacity_factor * num_tokens / num_experts))
+    capacity += capacity % 2
+    return max(capacity, int(min_capacity))

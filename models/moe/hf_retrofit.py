@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.moe.block import SparseMoEBlock, moe_blocks
-from models.moe.config import EXPERT_IMPLS, NULL_GATE_INITS
+from models.moe.config import EXPERT_IMPLS, NULL_GATE_INITS, RENORMALIZE_TRUE
 
 # Hugging Face model types `retrofit` knows, with the config field holding the number of routed experts.
 _SUPPORTED_HF_MOE = {
@@ -44,20 +44,43 @@ def _model_type(model: nn.Module) -> str:
     return model_type
 
 
+def model_norm_topk_prob(model: nn.Module) -> bool:
+    """The base model's own weighting of its top-k experts: Mixtral renormalises them to sum 1; Qwen2-MoE and
+    OLMoE do so only when `config.norm_topk_prob` (both default to False: raw softmax probabilities)."""
+    if _model_type(model) == "mixtral":
+        return True
+    return bool(getattr(model.config, "norm_topk_prob", False))
+
+
+def resolve_renormalize_true(model: nn.Module, renormalize_true: str, num_null_experts: int) -> bool:
+    """Whether a retrofitted block renormalises the selected true experts' weights (`RENORMALIZE_TRUE`):
+    "true" yes (AdaMoE's formula), "false" no (raw softmax over E_true + N_null), "auto" yes when there are
+    null experts and the model's own rule (`model_norm_topk_prob`) without them, so that num_null_experts=0
+    leaves the model unchanged."""
+    if renormalize_true not in RENORMALIZE_TRUE:
+        raise ValueError(f"renormalize_true must be one of {list(RENORMALIZE_TRUE)}, got {renormalize_true!r}")
+    if renormalize_true == "auto":
+        return True if num_null_experts > 0 else model_norm_topk_prob(model)
+    return renormalize_true == "true"
+
+
 def retrofit(model: nn.Module, num_null_experts: int, top_k: Optional[int] = None,
              null_gate_init: str = "copy", capacity_factor: Optional[float] = None,
              lb_null_mode: str = "average", lb_reduce: str = "per_layer_sum", lb_coef: float = 1e-3,
-             z_coef: float = 0.0, seed: Optional[int] = None, expert_impl: str = "auto") -> nn.Module:
+             z_coef: float = 0.0, seed: Optional[int] = None, expert_impl: str = "auto",
+             lb_fraction: str = "slots", renormalize_true: str = "auto") -> nn.Module:
     """Add `num_null_experts` null experts to every sparse block of a HF Mixtral / Qwen2-MoE / OLMoE
     causal LM, in place; returns the model.
 
     Each HF sparse block is replaced by a `SparseMoEBlock` that shares the block's router weight, its
     expert module (3-D weights) and Qwen2-MoE's shared expert + shared-expert gate: the original
     Parameters are untouched, only `gate.null_gate` is new. `top_k` defaults to the model's
-    num_experts_per_tok (AdaMoE's Mixtral run raised it from 2 to 4). Weight normalisation follows the
-    model: Mixtral renormalises over the selected true experts; Qwen2-MoE / OLMoE do so only when
-    `config.norm_topk_prob`. With num_null_experts=0 and the original top_k the logits equal the
-    original model's.
+    num_experts_per_tok (AdaMoE's Mixtral run raised it from 2 to 4). Weights (`renormalize_true`, see
+    `resolve_renormalize_true`): by default ("auto") the selected true experts' probabilities are
+    renormalised to sum 1, AdaMoE's formula, whenever there are null experts, also for Qwen2-MoE / OLMoE
+    whose own rule (norm_topk_prob=False) keeps raw probabilities; "false" keeps the raw softmax over
+    E_true + N_null. With num_null_experts=0, the original top_k and "auto" the logits equal the original
+    model's.
 
     The settings are recorded in `model.config.adamoe`, so `save_pretrained` + `load_retrofitted(path)`
     restores the model. HF's own `output_router_logits` aux loss is not null-aware and is switched off
@@ -66,14 +89,14 @@ def retrofit(model: nn.Module, num_null_experts: int, top_k: Optional[int] = Non
     `expert_impl` ("auto" | "loop" | "grouped_mm") is how the new blocks compute the (shared) experts; it
     changes speed only, not outputs, and is not recorded in `config.adamoe` (a restored model uses "auto").
     """
-    model_type = _model_type(model)
+    _model_type(model)
     if moe_blocks(model):
         raise ValueError("model is already retrofitted (it contains SparseMoEBlocks)")
     if num_null_experts < 0:
         raise ValueError(f"num_null_experts must be >= 0, got {num_null_experts}")
     config = model.config
     top_k = int(top_k if top_k is not None else config.num_experts_per_tok)
-    norm_topk_prob = True if model_type == "mixtral" else bool(getattr(config, "norm_topk_prob", False))
+    norm_topk_prob = resolve_renormalize_true(model, renormalize_true, num_null_experts)
     if null_gate_init not in NULL_GATE_INITS:
         raise ValueError(f"null_gate_init must be one of {list(NULL_GATE_INITS)}, got {null_gate_init!r}")
     if expert_impl not in EXPERT_IMPLS:
@@ -94,6 +117,7 @@ def retrofit(model: nn.Module, num_null_experts: int, top_k: Optional[int] = Non
                 block, num_null_experts=num_null_experts, top_k=top_k, norm_topk_prob=norm_topk_prob,
                 null_gate_init=null_gate_init, capacity_factor=capacity_factor, lb_null_mode=lb_null_mode,
                 lb_reduce=lb_reduce, lb_coef=lb_coef, z_coef=z_coef, expert_impl=expert_impl,
+                lb_fraction=lb_fraction,
             )
             setattr(parent, child_name, new_block)
     finally:
@@ -103,7 +127,7 @@ def retrofit(model: nn.Module, num_null_experts: int, top_k: Optional[int] = Non
     setattr(config, CONFIG_KEY, {
         "num_null_experts": int(num_null_experts), "top_k": top_k, "null_gate_init": null_gate_init,
         "capacity_factor": capacity_factor, "lb_null_mode": lb_null_mode, "lb_reduce": lb_reduce,
-        "lb_coef": lb_coef, "z_coef": z_coef,
+        "lb_coef": lb_coef, "z_coef": z_coef, "lb_fraction": lb_fraction, "renormalize_true": renormalize_true,
     })
     config.output_router_logits = False
     return model
@@ -161,6 +185,10 @@ def load_retrofitted(path: Union[str, Path], **from_pretrained_kwargs: Any) -> n
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"load_retrofitted needs a local checkpoint directory; {path} is not one")
+    from models.hub_export.adamoe_base import is_adamoe_export, load_adamoe_base
+
+    if is_adamoe_export(path):  # a self-contained export (own model_type + remote code): its base, then the nulls
+        return restore_retrofit(load_adamoe_base(path, **from_pretrained_kwargs), path)
     settings = getattr(AutoConfig.from_pretrained(str(path)), CONFIG_KEY, None)
     if not settings:
         raise ValueError(f"{path}/config.json has no '{CONFIG_KEY}' entry: it was not saved from a retrofitted "
@@ -175,6 +203,15 @@ def load_retrofitted(path: Union[str, Path], **from_pretrained_kwargs: Any) -> n
     return restore_retrofit(model, path)
 
 
+def saved_retrofit_settings(model: nn.Module) -> Dict[str, Any]:
+    """The `retrofit` arguments recorded in `model.config.adamoe`. Checkpoints saved before `renormalize_true`
+    existed used the model's own weighting rule: that is what they get back."""
+    settings = dict(getattr(model.config, CONFIG_KEY))
+    if "renormalize_true" not in settings:
+        settings["renormalize_true"] = "true" if model_norm_topk_prob(model) else "false"
+    return settings
+
+
 def restore_retrofit(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     """Finish loading a retrofitted checkpoint whose base weights are already in `model` (loaded with
     `from_pretrained(path)`, which skips the null gates): `retrofit` with the settings saved in
@@ -184,7 +221,7 @@ def restore_retrofit(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     if not settings:
         raise ValueError(f"the model loaded from {path} has no config.{CONFIG_KEY}: it is not a retrofitted "
                          "checkpoint")
-    retrofit(model, **dict(settings))
+    retrofit(model, **saved_retrofit_settings(model))
 
     gates = null_gates_by_layer(model)
     if not gates:  # retrofitted with num_null_experts=0: nothing saved, nothing to load

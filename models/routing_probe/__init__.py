@@ -10,10 +10,12 @@ Modules (the public names of the first four are re-exported here)
 - `hooks`     `RoutingProbe`, `RoutingRecord`, `find_moe_blocks`: which MoE blocks are supported
               (`models.moe.SparseMoEBlock`, transformers 5.x `*SparseMoeBlock`s) and how tokens, positions,
               padding and re-runs are handled.
-- `capacity`  `capacity_drops`, `PRIORITIES`: drops computed for dropless models from a capacity factor.
+- `capacity`  `capacity_drops`, `PRIORITIES`, `DROP_ORDERS`: drops computed for dropless models from a
+              capacity factor, and the drops of each OpenMoE drop order on a recorded routing.
 - `stats`     `LayerStats`, `RoutingStats`, `position_bucket_edges`: the streaming aggregates.
 - `analyses`  `token_id_specialisation`, `group_std_vs_uniform`, `top_tokens_per_expert`, `router_saturation`,
-              `drop_rate_by_position`, `coactivation_probability`, `load_statistics`, `analysis_report`.
+              `drop_rate_by_position`, `coactivation_probability`, `load_statistics`, `analysis_report`; the
+              OpenMoE paper's `expert_ratio_std`, `distribution_distance`, `drop_order_rates`.
 - `plots`     matplotlib figures of the analyses; imported on its own (`from models.routing_probe import
               plots`, or `models.routing_probe.plots` on first access) so the probe does not load matplotlib.
 
@@ -28,19 +30,23 @@ from typing import Any
 from models.routing_probe.analyses import (
     analysis_report,
     coactivation_probability,
+    distribution_distance,
+    drop_order_rates,
     drop_rate_by_position,
+    expert_ratio_std,
     group_std_vs_uniform,
     load_statistics,
     router_saturation,
     token_id_specialisation,
     top_tokens_per_expert,
 )
-from models.routing_probe.capacity import PRIORITIES, capacity_drops
+from models.routing_probe.capacity import DEFAULT_GROUP, DROP_ORDERS, GROUPS, PRIORITIES, capacity_drops
 from models.routing_probe.hooks import RoutingProbe, RoutingRecord, find_moe_blocks
 from models.routing_probe.stats import LayerStats, RoutingStats, position_bucket_edges
 
 __all__ = [
-    "PRIORITIES", "RoutingRecord", "LayerStats", "RoutingStats", "RoutingProbe", "capacity_drops",
+    "PRIORITIES", "DROP_ORDERS", "GROUPS", "DEFAULT_GROUP", "expert_ratio_std", "distribution_distance",
+    "drop_order_rates", "RoutingRecord", "LayerStats", "RoutingStats", "RoutingProbe", "capacity_drops",
     "find_moe_blocks", "token_id_specialisation", "group_std_vs_uniform", "top_tokens_per_expert",
     "router_saturation", "drop_rate_by_position", "coactivation_probability", "load_statistics",
     "analysis_report", "position_bucket_edges",

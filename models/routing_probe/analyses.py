@@ -2,16 +2,21 @@
 
 `token_id_specialisation`, `group_std_vs_uniform`, `top_tokens_per_expert`, `router_saturation`,
 `drop_rate_by_position`, `coactivation_probability`, `load_statistics`, and `analysis_report` (all of them
-for every probed layer, JSON-serialisable).
+for every probed layer, JSON-serialisable); the OpenMoE paper's own quantities: `expert_ratio_std` (Figures
+13-14: std of each token id's / position's expert-ratio vector against uniform routing),
+`distribution_distance` (Figure 11: each token id's expert distribution at one checkpoint against another),
+`drop_order_rates` (drop rate by position under each drop order on one recorded routing).
 
 Plain PyTorch: no Lightning, no imports from `recipes/`.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Dict, List, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 import torch
+
+from models.routing_probe.capacity import DROP_ORDERS, capacity_drops
 
 if TYPE_CHECKING:  # annotations only: stats.py imports this module
     from models.routing_probe.stats import RoutingStats
@@ -77,6 +82,91 @@ def group_std_vs_uniform(counts: Any, min_count: int = 5, *, top_k: int = 1,
     k_g = (n[keep] / occ[keep]).clamp(max=E)
     uniform = torch.sqrt((E - k_g).clamp_min(0) / (E * E * n[keep]))
     return {"mean_std": float(std.mean()), "uniform_std": float(uniform.mean()), "n_groups": int(keep.sum())}
+
+
+def expert_ratio_std(counts: Any, occurrences: Any, *, more_than: int = 128) -> Dict[str, float]:
+    """The OpenMoE paper's specialisation measure (Figures 13-14) for one layer: over the groups (token ids, or
+    positions) seen MORE than `more_than` times, the mean std of the expert-ratio vector r_g = counts[g] /
+    counts[g].sum(), next to the same mean for uniform random routing of the same numbers of assignments
+    (`group_std_vs_uniform`). Returns mean_std, uniform_std, n_groups (0 and NaNs when no group qualifies)."""
+    return group_std_vs_uniform(counts, int(more_than) + 1, occurrences=occurrences)
+
+
+def _distributions(counts: torch.Tensor) -> torch.Tensor:
+    return counts / counts.sum(1, keepdim=True).clamp_min(1e-300)
+
+
+def distribution_distance(counts_a: Any, counts_b: Any, occurrences: Any, *, min_count: int = 128
+                          ) -> Dict[str, float]:
+    """How far each token id's expert distribution moved between two checkpoints on the SAME tokens (the
+    OpenMoE paper's early-routing comparison, Figure 11). For every id with >= `min_count` occurrences and
+    assignments in both: p = counts_a[id] / sum, q = counts_b[id] / sum; total variation TV = sum|p - q| / 2
+    and Jensen-Shannon distance JS = sqrt((KL(p||m) + KL(q||m)) / 2), m = (p + q) / 2, log base 2 (both in
+    [0, 1]). Returns their means over the ids (mean_tv, mean_js) and n_groups (NaN / 0 when none qualifies)."""
+    a, b = _as_counts(counts_a, "counts_a"), _as_counts(counts_b, "counts_b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"counts over {a.shape[1]} and {b.shape[1]} experts cannot be compared")
+    rows = max(a.shape[0], b.shape[0])
+    a = torch.cat([a, a.new_zeros(rows - a.shape[0], a.shape[1])])
+    b = torch.cat([b, b.new_zeros(rows - b.shape[0], b.shape[1])])
+    occ = torch.as_tensor(occurrences, dtype=torch.float64).reshape(-1)
+    occ = torch.cat([occ, occ.new_zeros(max(rows - occ.shape[0], 0))])[:rows]
+    keep = (occ >= max(int(min_count), 1)) & (a.sum(1) > 0) & (b.sum(1) > 0)
+    if not bool(keep.any()):
+        return {"mean_tv": float("nan"), "mean_js": float("nan"), "n_groups": 0}
+    p, q = _distributions(a[keep]), _distributions(b[keep])
+    tv = 0.5 * (p - q).abs().sum(1)
+    m = 0.5 * (p + q)
+
+    def kl(x: torch.Tensor) -> torch.Tensor:
+        ratio = torch.where(x > 0, x / m.clamp_min(1e-300), torch.ones_like(x))
+        return (x * torch.log2(ratio)).sum(1)
+
+    js = torch.sqrt((0.5 * (kl(p) + kl(q))).clamp_min(0.0))
+    return {"mean_tv": float(tv.mean()), "mean_js": float(js.mean()), "n_groups": int(keep.sum())}
+
+
+def drop_order_rates(experts: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, num_experts: int,
+                     capacity_factor: float, *, rows_per_forward: int, position_buckets: int, max_positions: int,
+                     orders: Sequence[str] = DROP_ORDERS, group: Optional[str] = None) -> Dict[str, Any]:
+    """Drop rate by position bucket that each drop order would give on one recorded routing (the routing is
+    held fixed: a drop does not change the later layers' routing here).
+
+    experts [T, k] of the real tokens (batch-major), positions [T], rows [T] (the block / row index of each
+    token); the tokens are cut into forwards of `rows_per_forward` consecutive rows, as they were run, and
+    each forward is capacity-limited on its own by `capacity_drops(..., priority=order, group=group)` (group
+    None: the order's own). Per order: per_assignment (dropped / true assignments) and per_token (tokens whose
+    every true assignment dropped / tokens with one) for each of `position_buckets` equal-width buckets over
+    [0, max_positions), NaN for empty buckets; plus bucket_edges and the overall rates."""
+    experts, positions, rows = torch.as_tensor(experts).long(), torch.as_tensor(positions).long(), \
+        torch.as_tensor(rows).long()
+    bucket = torch.div(positions.clamp(0, max_positions - 1) * position_buckets, max_positions,
+                       rounding_mode="floor").clamp_max(position_buckets - 1)
+    forward = torch.div(rows, max(int(rows_per_forward), 1), rounding_mode="floor")
+    is_true = experts < num_experts
+    n_true = is_true.sum(1)
+    out: Dict[str, Any] = {"bucket_edges": [int(round(b * max_positions / position_buckets))
+                                            for b in range(position_buckets + 1)]}
+    for order in orders:
+        dropped = torch.zeros_like(experts, dtype=torch.bool)
+        for f in torch.unique(forward).tolist():
+            sel = forward == f
+            dropped[sel] = capacity_drops(experts[sel], positions[sel], num_experts, capacity_factor, order,
+                                          rows=rows[sel], group=group)
+        n_dropped = (dropped & is_true).sum(1)
+        token_dropped = (n_true > 0) & (n_dropped == n_true)
+        sums = {name: torch.zeros(position_buckets, dtype=torch.float64).index_add_(0, bucket, v.double())
+                for name, v in (("a_drop", n_dropped), ("a_all", n_true), ("t_drop", token_dropped),
+                                ("t_all", n_true > 0))}
+
+        def rate(num: torch.Tensor, den: torch.Tensor) -> List[float]:
+            return [float(x) / float(y) if float(y) > 0 else float("nan") for x, y in zip(num, den)]
+
+        out[order] = {"per_assignment": rate(sums["a_drop"], sums["a_all"]),
+                      "per_token": rate(sums["t_drop"], sums["t_all"]),
+                      "overall_per_assignment": float(n_dropped.sum()) / max(float(n_true.sum()), 1.0),
+                      "overall_per_token": float(token_dropped.sum()) / max(float((n_true > 0).sum()), 1.0)}
+    return out
 
 
 def top_tokens_per_expert(counts_by_token: Any, k: int = 10) -> List[List[int]]:
@@ -162,14 +252,20 @@ def _clean(x: Any) -> Any:
 
 
 def analysis_report(stats: RoutingStats, tokenizer: Any = None, *, min_token_count: int = 5,
-                    top_n: int = 10) -> Dict[str, Any]:
+                    top_n: int = 10, spec_more_than: int = 128) -> Dict[str, Any]:
     """Every analysis of every probed layer as a JSON-serialisable dict (NaN -> None). With a tokenizer
-    (anything with `decode([id])`) the top tokens per expert are also decoded."""
+    (anything with `decode([id])`) the top tokens per expert are also decoded. `paper_specialisation` is
+    `expert_ratio_std` by token id (ids seen more than `spec_more_than` times) and by position (every
+    position seen)."""
     layers: Dict[str, Any] = {}
     for i, layer in enumerate(stats.layers):
         top = top_tokens_per_expert(layer.counts_by_token, k=top_n)
         entry: Dict[str, Any] = {
             "num_experts": layer.num_experts, "top_k": layer.top_k, "n_tokens": layer.n_tokens,
+            "paper_specialisation": {
+                "token_id": expert_ratio_std(layer.counts_by_token, layer.tokens_by_token, more_than=spec_more_than),
+                "position": expert_ratio_std(layer.counts_by_position, layer.tokens_by_position, more_than=0),
+                "more_than": int(spec_more_than)},
             "specialisation": {"token_id": layer.specialisation("token", min_token_count),
                                "position": layer.specialisation("position", 1)},
             "std_vs_uniform": {"token_id": layer.std_vs_uniform("token", min_token_count),

@@ -18,7 +18,8 @@ Supported blocks
 - transformers 5.x sparse blocks (Mixtral, Qwen2-MoE, OLMoE and any `*SparseMoeBlock` whose `gate` has
   `num_experts` and `top_k`): a forward hook on the block's router (`gate`), which returns
   `(router_logits [T, E], top-k weights [T, k], top-k indices [T, k])`. These models are dropless; with a
-  `capacity_factor` their drops are computed by `models.routing_probe.capacity.capacity_drops`.
+  `capacity_factor` their drops are computed by `models.routing_probe.capacity.capacity_drops` (`priority`:
+  position, slot or one of the drop orders colossalai / slot_major / token_major; `capacity_group`).
 
 Token ids and positions come from a forward pre-hook on the root model (`input_ids` keyword or first
 positional argument; `attention_mask` keyword). Padding (attention_mask == 0) is excluded everywhere: a
@@ -39,7 +40,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from models.routing_probe.capacity import PRIORITIES, capacity_drops
+from models.routing_probe.capacity import GROUPS, PRIORITIES, capacity_drops
 from models.routing_probe.stats import LayerStats, RoutingStats
 
 
@@ -101,7 +102,9 @@ class RoutingProbe:
     """Forward hooks that record the routing of every MoE block of `model` (see the module docstring).
 
     capacity_factor: for dropless blocks, the factor whose drops are computed (None: no drops); blocks that
-    drop themselves always report their real drops. priority: "position" or "slot" (see `capacity_drops`).
+    drop themselves always report their real drops. priority: one of `PRIORITIES` ("position", "slot",
+    "colossalai", "slot_major", "token_major"; see `capacity_drops`); capacity_group: "batch" | "sequence" |
+    None (the priority's own group).
     position_buckets / max_positions: drop-rate buckets are equal-width over [0, max_positions).
     min_token_count: default occurrence threshold of the token-id analyses (`analysis_report`).
     vocab_size: rows of counts_by_token (default: the model's input-embedding size, else grown to the ids seen).
@@ -109,13 +112,18 @@ class RoutingProbe:
 
     def __init__(self, model: nn.Module, *, capacity_factor: Optional[float] = None, priority: str = "position",
                  position_buckets: int = 8, max_positions: int = 4096, min_token_count: int = 5,
-                 vocab_size: Optional[int] = None) -> None:
+                 vocab_size: Optional[int] = None, capacity_group: Optional[str] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"RoutingProbe needs a torch.nn.Module, got {type(model).__name__}")
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
         if priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {list(PRIORITIES)}, got {priority!r}")
+        if capacity_group is not None and capacity_group not in GROUPS:
+            raise ValueError(f"capacity_group must be one of {list(GROUPS)} or None, got {capacity_group!r}")
+        if capacity_group == "sequence" and priority in ("position", "slot"):
+            raise ValueError(f"priority {priority!r} ranks over the whole batch; capacity_group='sequence' needs "
+                             "a drop order (colossalai, slot_major, token_major)")
         if int(position_buckets) < 1:
             raise ValueError(f"position_buckets must be >= 1, got {position_buckets}")
         if int(max_positions) < 1:
@@ -127,6 +135,7 @@ class RoutingProbe:
         self.model = model
         self.capacity_factor = capacity_factor
         self.priority = priority
+        self.capacity_group = capacity_group
         self.position_buckets = int(position_buckets)
         self.max_positions = int(max_positions)
         self.min_token_count = int(min_token_count)
@@ -246,11 +255,13 @@ class RoutingProbe:
                 raise ValueError(f"RoutingProbe: domain labels of shape {tuple(d.shape)}, batch is {tuple(ids.shape)}")
             domains = d.reshape(-1)
         flat_real = real.reshape(-1)
+        rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)
         self._context = {
             "num_tokens": ids.numel(),
             "real": flat_real,
             "token_ids": ids.reshape(-1)[flat_real],
             "positions": positions.reshape(-1)[flat_real],
+            "rows": rows.reshape(-1)[flat_real],
             "domains": None if domains is None else domains[flat_real],
             "seen": set(),
             "finished": False,
@@ -295,7 +306,8 @@ class RoutingProbe:
         if dropped is not None:
             dropped = dropped.detach().to("cpu", torch.bool)[real]
         elif self.capacity_factor is not None:
-            dropped = capacity_drops(experts, ctx["positions"], site.num_experts, self.capacity_factor, self.priority)
+            dropped = capacity_drops(experts, ctx["positions"], site.num_experts, self.capacity_factor, self.priority,
+                                     rows=ctx["rows"], group=self.capacity_group)
         else:
             dropped = torch.zeros_like(experts, dtype=torch.bool)
         record = RoutingRecord(layer=index, token_ids=ctx["token_ids"], positions=ctx["positions"],

@@ -12,6 +12,9 @@ its own (`from models.routing_probe import plots`): `import models.routing_probe
   saturation_plot         router saturation (top-1 agreement, top-k overlap) of each checkpoint vs the final
   coactivation_heatmap    P(b | a) of one layer
   metric_over_steps       any scalar per layer against the checkpoint step
+The OpenMoE paper's quantities (`make analyze`) reuse them: paper_specialisation = std_vs_uniform_bars at one
+layer, early_routing = metric_over_steps of the distribution distances, drop_rate_by_order = drop_rate_plot
+with one line pair per drop order.
 """
 from __future__ import annotations
 
@@ -194,4 +197,4 @@ def metric_over_steps(steps: Sequence[int], series: Mapping[str, Sequence[float]
 
 def figure_names() -> List[str]:
     return ["load_heatmap", "drop_rate", "specialisation", "std_vs_uniform", "saturation", "coactivation",
-            "specialisation_over_steps"]
+            "specialisation_over_steps", "paper_specialisation", "early_routing", "drop_rate_by_order"]

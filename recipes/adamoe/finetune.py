@@ -35,7 +35,6 @@ its own tokenizer, that one is used (a model only understands the tokenizer it w
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,22 +318,18 @@ def eval_stage(cfg, run_dir: Path, results: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def export_stage(cfg, run_dir: Path, results: Dict[str, Any]) -> Dict[str, Any]:
-    """The fine-tuned model, LoRA merged, as a save_pretrained directory <run>/export (with its tokenizer)."""
+    """The fine-tuned model as the export folder <run>/export (models.hub_export.save_export, with its tokenizer):
+    LoRA merged; a retrofitted model under its own model_type with its code (AutoModelForCausalLM loads it with
+    trust_remote_code=True); with adamoe.lora_r > 0 the peft adapter in <run>/export/adapter."""
+    from models.hub_export import save_export
+
     c = cfg.adamoe_finetune
     export_dir = run_dir / "export"
     if not c.export:
         return {}
     if not (export_dir / "config.json").exists():
         model, dm = _load_trained(stage_config(cfg, run_dir), run_dir / "train")
-        export_model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        # written aside and renamed, so an existing export directory is always complete
-        tmp = run_dir / "export.tmp"
-        for stale in (tmp, export_dir):
-            if stale.exists():
-                shutil.rmtree(stale)
-        export_model.save_pretrained(str(tmp))
-        dm.tokenizer.save_pretrained(str(tmp))
-        tmp.replace(export_dir)
+        save_export(model, export_dir, dm.tokenizer)  # written aside and swapped in: always complete
     return {"export_dir": str(export_dir)}
 
 
@@ -371,8 +366,9 @@ def score_main(argv: Optional[Sequence[str]] = None) -> int:
     GPUs (accelerate)."""
     import argparse
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from models.hub_export import read_config
     from models.moe import load_retrofitted
 
     p = argparse.ArgumentParser(prog="python -m recipes score_arc", description=score_main.__doc__.splitlines()[0])
@@ -396,11 +392,11 @@ def score_main(argv: Optional[Sequence[str]] = None) -> int:
         kwargs: Dict[str, Any] = {"dtype": getattr(torch, a.dtype)}
         if a.device_map:
             kwargs["device_map"] = a.device_map
-        if getattr(AutoConfig.from_pretrained(str(path)), CONFIG_KEY, None):
+        if read_config(path).get(CONFIG_KEY):
             model = load_retrofitted(path, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """AdaMoE: train a Mixtral-style MoE whose router can pick parameter-free null experts.
 
-    make train RECIPE=adamoe                                        # 8 true + 8 null experts, top-4
+    make train RECIPE=adamoe                                        # 8 true + 8 null experts, top-3
     make train RECIPE=adamoe ARGS="adamoe.num_null_experts=0 adamoe.top_k=2"   # the top-2 baseline
 
 The model is the factory's Mixtral (`model.arch`/`model.size`, or `model.pretrained=<dir>`), retrofitted by
@@ -11,8 +11,11 @@ E_true + N_null experts, so this is the "one router" variant too); `copy` repeat
 (AdaMoE's Mixtral fine-tuning). A `model.pretrained` checkpoint that was itself saved retrofitted (its
 config.json has an `adamoe` entry) is restored with its saved null gates instead.
 
-Training adds `adamoe.lb_coef * load-balancing loss` (null-aware, `lb_null_mode`, `lb_reduce`) and
-`adamoe.z_coef * router z-loss`, both over real tokens only. Optional LoRA (`adamoe.lora_r > 0`, via
+Training adds `adamoe.lb_coef * load-balancing loss` (null-aware: `lb_null_mode`, `lb_reduce`, `lb_fraction`)
+and `adamoe.z_coef * router z-loss`, both over real tokens only. `adamoe.lb_preset` sets these five keys to
+the values of one of AdaMoE's released runs (`released_mixtral`, `released_llama_lora`; models.moe.LB_PRESETS)
+or leaves them to the config (`custom`, defaults in CUSTOM_LB_DEFAULTS); a key given explicitly that conflicts
+with the preset is a ConfigError. Optional LoRA (`adamoe.lora_r > 0`, via
 peft) trains the adapters and the null gates only. Logged each step (metrics.csv, W&B): moe/true_experts_
 per_token, moe/share_true_experts_{0..k}, moe/null_slot_fraction, moe/drop_fraction, moe/router_entropy,
 moe/aux_loss, moe/z_loss and moe/load/l{layer}_e{expert} (share of a layer's slots per expert). At each
@@ -22,6 +25,7 @@ reference k (the base model's num_experts_per_tok, i.e. the top-k model AdaMoE i
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -30,17 +34,28 @@ import torch
 from models.moe import (
     CONFIG_KEY,
     EXPERT_IMPLS,
+    LB_FRACTIONS,
     LB_NULL_MODES,
+    LB_PRESETS,
     LB_REDUCES,
     NULL_GATE_INITS,
+    RENORMALIZE_TRUE,
+    collect_moe_aux_losses,
     moe_blocks,
     moe_routing_metrics,
+    resolve_renormalize_true,
     restore_retrofit,
     retrofit,
+    saved_retrofit_settings,
     trainable_module_names,
 )
 from recipes.engine.errors import ConfigError
-from recipes.engine.module import CausalLMModule, weighted_moe_losses
+from recipes.engine.module import CausalLMModule
+
+# lb_preset=custom: the values of the keys left unset (the from-scratch `adamoe` recipe's setting).
+CUSTOM_LB_DEFAULTS: Dict[str, Any] = {"lb_coef": 1e-2, "z_coef": 1e-3, "lb_null_mode": "average",
+                                      "lb_reduce": "per_layer_sum", "lb_fraction": "slots"}
+LB_KEYS = tuple(CUSTOM_LB_DEFAULTS)
 
 
 @dataclass
@@ -49,10 +64,16 @@ class AdaMoEConfig:
     top_k: Optional[int] = 4  # None: the model's num_experts_per_tok
     null_gate_init: str = "random"  # random (from scratch) | copy (repeat the true gate's rows)
     capacity_factor: Optional[float] = None  # None: no capacity limit; else C = ceil(cf * T * k / E_true)
-    lb_coef: float = 1e-2  # weight of the load-balancing loss (AdaMoE: 1e-3 first experiment, 1e-4 Mixtral)
-    z_coef: float = 1e-3  # weight of the router z-loss (0 disables it)
-    lb_null_mode: str = "average"  # average (nulls balanced as a group, the paper) | none (every expert)
-    lb_reduce: str = "per_layer_sum"  # per_layer_sum | concat (HF Mixtral: pool all layers' tokens)
+    # released_mixtral | released_llama_lora (AdaMoE's released runs) | custom (the five keys below as given)
+    lb_preset: str = "custom"
+    # The five loss keys: None = the preset's value (custom: CUSTOM_LB_DEFAULTS); filled in at config load.
+    lb_coef: Optional[float] = None  # weight of the load-balancing loss
+    z_coef: Optional[float] = None  # weight of the router z-loss (0 disables it)
+    lb_null_mode: Optional[str] = None  # average (null counts averaged) | none (every expert balanced)
+    lb_reduce: Optional[str] = None  # per_layer_sum | concat (HF Mixtral: pool all layers' tokens)
+    lb_fraction: Optional[str] = None  # slots (count / (T*k)) | tokens (count / T, HF Mixtral)
+    # auto | true | false: renormalise the selected true experts' weights (models.moe.resolve_renormalize_true)
+    renormalize_true: str = "auto"
     reference_top_k: Optional[int] = None  # k of the compared top-k model; None: base num_experts_per_tok
     log_expert_load: bool = True  # per-layer per-expert load columns moe/load/l{i}_e{j}
     expert_impl: str = "auto"  # auto | loop | grouped_mm: how the experts are computed (models.moe.resolve_expert_impl)
@@ -63,7 +84,32 @@ class AdaMoEConfig:
     lora_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+def resolve_lb_preset(c) -> None:
+    """Fill the five loss keys of section `c` (adamoe) from `c.lb_preset`, in place. Under a released preset a
+    key given with another value than the preset's is a ConfigError; under `custom` unset keys get
+    CUSTOM_LB_DEFAULTS."""
+    if c.lb_preset not in LB_PRESETS:
+        raise ConfigError(f"adamoe.lb_preset must be one of {', '.join(LB_PRESETS)}; got '{c.lb_preset}'.")
+    preset = LB_PRESETS[c.lb_preset]
+    for key in LB_KEYS:
+        given = c[key]
+        if preset is None:
+            if given is None:
+                c[key] = CUSTOM_LB_DEFAULTS[key]
+            continue
+        wanted = preset[key]
+        same = (given == wanted) if isinstance(wanted, str) else (
+            given is not None and math.isclose(float(given), float(wanted), rel_tol=1e-9, abs_tol=0.0))
+        if given is not None and not same:
+            raise ConfigError(f"adamoe.{key}={given} conflicts with adamoe.lb_preset={c.lb_preset}, which sets "
+                              f"{key}={wanted}: drop the key or set adamoe.lb_preset=custom.")
+        c[key] = wanted
+
+
 def check_config(c) -> None:
+    resolve_lb_preset(c)
+    # `adamoe.renormalize_true=true` reaches a str field as "True" (YAML / OmegaConf booleans)
+    c.renormalize_true = str(c.renormalize_true).lower()
     if c.num_null_experts < 0:
         raise ConfigError(f"adamoe.num_null_experts must be >= 0, got {c.num_null_experts}.")
     if c.top_k is not None and c.top_k < 1:
@@ -71,6 +117,8 @@ def check_config(c) -> None:
     for key, value, choices in (("null_gate_init", c.null_gate_init, NULL_GATE_INITS),
                                 ("lb_null_mode", c.lb_null_mode, LB_NULL_MODES),
                                 ("lb_reduce", c.lb_reduce, LB_REDUCES),
+                                ("lb_fraction", c.lb_fraction, LB_FRACTIONS),
+                                ("renormalize_true", c.renormalize_true, RENORMALIZE_TRUE),
                                 ("expert_impl", c.expert_impl, EXPERT_IMPLS)):
         if value not in choices:
             raise ConfigError(f"adamoe.{key} must be one of {', '.join(choices)}; got '{value}'.")
@@ -132,7 +180,7 @@ def restore_retrofit_partitioned(model: torch.nn.Module, path) -> torch.nn.Modul
 
     from models.moe import checkpoint_null_gate_tensors, null_gates_by_layer
 
-    retrofit_partitioned(model, **dict(getattr(model.config, CONFIG_KEY)))
+    retrofit_partitioned(model, **saved_retrofit_settings(model))
     gates = null_gates_by_layer(model)
     if not gates:
         return model
@@ -162,13 +210,21 @@ def _retrofit_from_config(cfg, model: torch.nn.Module) -> torch.nn.Module:
                 f"{saved['num_null_experts']}, top_k={saved['top_k']}, but the config asks for "
                 f"num_null_experts={c.num_null_experts}, top_k={c.top_k}: set adamoe.num_null_experts="
                 f"{saved['num_null_experts']} adamoe.top_k={saved['top_k']}, or start from the base checkpoint.")
+        saved_rule = saved_retrofit_settings(model)["renormalize_true"]
+        if c.renormalize_true != "auto" and resolve_renormalize_true(model, saved_rule, c.num_null_experts) != \
+                resolve_renormalize_true(model, c.renormalize_true, c.num_null_experts):
+            raise ConfigError(
+                f"model.pretrained={cfg.model.pretrained} was retrofitted with renormalize_true={saved_rule}, but "
+                f"the config asks for adamoe.renormalize_true={c.renormalize_true}: drop the key (auto keeps the "
+                "checkpoint's rule) or start from the base checkpoint.")
         return (restore_retrofit_partitioned if partitioned else restore_retrofit)(model, cfg.model.pretrained)
     try:
         return (retrofit_partitioned if partitioned else retrofit)(
                         model, num_null_experts=c.num_null_experts, top_k=c.top_k,
                         null_gate_init=c.null_gate_init, capacity_factor=c.capacity_factor,
                         lb_null_mode=c.lb_null_mode, lb_reduce=c.lb_reduce, lb_coef=c.lb_coef, z_coef=c.z_coef,
-                        seed=c.seed if c.seed is not None else cfg.run.seed, expert_impl=c.expert_impl)
+                        seed=c.seed if c.seed is not None else cfg.run.seed, expert_impl=c.expert_impl,
+                        lb_fraction=c.lb_fraction, renormalize_true=c.renormalize_true)
     except ValueError as e:  # unsupported architecture, top_k > experts, ...
         raise ConfigError(f"adamoe: cannot retrofit model.arch={cfg.model.arch}: {e}") from None
 
@@ -213,12 +269,12 @@ class AdaMoEModule(CausalLMModule):
     """CausalLMModule + AdaMoE's auxiliary losses and routing metrics."""
 
     def __init__(self, *args, lb_coef: float = 1e-2, z_coef: float = 1e-3, lb_null_mode: str = "average",
-                 lb_reduce: str = "per_layer_sum", reference_top_k: Optional[int] = None,
+                 lb_reduce: str = "per_layer_sum", lb_fraction: str = "slots", reference_top_k: Optional[int] = None,
                  log_expert_load: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         model = self.model
         self.lb_coef, self.z_coef = lb_coef, z_coef
-        self.lb_null_mode, self.lb_reduce = lb_null_mode, lb_reduce
+        self.lb_null_mode, self.lb_reduce, self.lb_fraction = lb_null_mode, lb_reduce, lb_fraction
         self.log_expert_load = log_expert_load
         self._reference_top_k_setting = reference_top_k
         self._raw_aux: Dict[str, torch.Tensor] = {}
@@ -241,14 +297,23 @@ class AdaMoEModule(CausalLMModule):
     def config_options(cls, cfg) -> Dict[str, Any]:
         c = cfg.adamoe
         return {"lb_coef": c.lb_coef, "z_coef": c.z_coef, "lb_null_mode": c.lb_null_mode, "lb_reduce": c.lb_reduce,
-                "reference_top_k": c.reference_top_k, "log_expert_load": c.log_expert_load}
+                "lb_fraction": c.lb_fraction, "reference_top_k": c.reference_top_k,
+                "log_expert_load": c.log_expert_load}
 
     @staticmethod
     def _mask(batch: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         return batch.get("attention_mask")
 
     def extra_losses(self, batch, outputs) -> Dict[str, torch.Tensor]:
-        return weighted_moe_losses(self, self._mask(batch), self.lb_null_mode, self.lb_reduce)
+        # The engine's `weighted_moe_losses` with lb_fraction added (it takes only lb_null_mode / lb_reduce):
+        # moe_lb = lb_coef * balance loss, moe_z = z_coef * z-loss; raw values kept for the metrics.
+        aux = collect_moe_aux_losses(self.model, self._mask(batch), self.lb_null_mode, self.lb_reduce,
+                                     self.lb_fraction)
+        self._raw_aux = {k: v.detach() for k, v in aux.items()}
+        losses = {"moe_lb": self.lb_coef * aux["lb"]}
+        if self.z_coef > 0:
+            losses["moe_z"] = self.z_coef * aux["z"]
+        return losses
 
     def extra_metrics(self, batch, outputs) -> Dict[str, float]:
         metrics = moe_routing_metrics(self.model, self._mask(batch))

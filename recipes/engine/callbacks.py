@@ -1,46 +1,79 @@
 """Training callbacks shared by every recipe."""
 from __future__ import annotations
 
+import sys
 import time
-from typing import Any, Dict, Optional
+import warnings
+from typing import Any, Dict, Optional, Sequence
 
 import lightning as L
 import torch
 
-# Dense bf16 peak FLOP/s by device name fragment, for model FLOPs utilisation on GPUs.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                   "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "A6000": 155e12}
+# trainer.precision -> the dtype the matmuls run in (for the peak FLOP/s of the device)
+PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "bf16": torch.bfloat16,
+                    "16-mixed": torch.float16, "16-true": torch.float16, "16": torch.float16,
+                    "32-true": torch.float32, "32": torch.float32, "64-true": torch.float64, "64": torch.float64}
+GIB = float(2 ** 30)
 
 
-def peak_flops(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
+def peak_flops(device: torch.device, precision: str = "bf16-mixed") -> Optional[float]:
+    """Peak FLOP/s of one device at a training precision, from Lightning's table
+    (lightning.fabric.utilities.throughput.get_available_flops: device- and dtype-aware, TF32 for fp32 matmuls on
+    Ampere and later); None on CPUs and devices or precisions the table lacks."""
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    dtype = PRECISION_DTYPES.get(str(precision))
+    if device.type == "cpu" or dtype is None:
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, val in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return val
-    return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "FLOPs not found for ...": the caller says it once, with the fix
+        flops = get_available_flops(device, dtype)
+    return float(flops) if flops else None
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs perf/tokens_per_sec, perf/step_time, perf/overhead_frac (share of wall time between two
-    steps spent outside the training step: data loading, logging, checkpointing) and, on GPUs, perf/mfu."""
+    """Per training step: perf/tokens_per_sec, perf/step_time, perf/overhead_frac (share of wall time between two
+    steps spent outside the training step: data loading, logging, checkpointing), perf/tflops (model TFLOP/s per
+    device, FLOPs per token from models.factory.flops_per_token), on GPUs perf/mfu (that / the device's peak) and
+    perf/gpu_mem_alloc_gb / perf/gpu_mem_reserved_gb (peak memory so far)."""
 
-    def __init__(self, flops_per_token: Optional[float] = None, block_size: Optional[int] = None):
+    def __init__(self, flops_per_token: Optional[float] = None, block_size: Optional[int] = None,
+                 peak_flops_per_device: Optional[float] = None):
         # Counted from the model at the first step when not given (a ZeRO-3 model exists only from set-up on).
         self.flops_per_token = flops_per_token
         self.block_size = block_size
+        self.peak_override = peak_flops_per_device  # logging.peak_flops: replaces Lightning's table
+        self.peak: Optional[float] = None
+        self._peak_known = False
         self._prev_end: Optional[float] = None
         self._start: Optional[float] = None
         self.total_step_time = 0.0
         self.total_wall_time = 0.0
         self.total_tokens = 0
+        self.steps = 0
+        self._world_size = 1
+        self.mem_alloc_gb: Optional[float] = None
+        self.mem_reserved_gb: Optional[float] = None
+
+    def _resolve_peak(self, trainer, pl_module) -> None:
+        self._peak_known = True
+        if self.peak_override:
+            self.peak = float(self.peak_override)
+            return
+        self.peak = peak_flops(pl_module.device, str(trainer.precision))
+        if self.peak is None and pl_module.device.type == "cuda" and trainer.is_global_zero:
+            name = torch.cuda.get_device_name(pl_module.device)
+            print(f"perf/mfu not logged: Lightning knows no peak FLOP/s for {name!r} at precision "
+                  f"{trainer.precision}; set logging.peak_flops=<dense FLOP/s of one device> (e.g. 989e12 for bf16 "
+                  "on an H100/H200 SXM).", file=sys.stderr, flush=True)
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         if self.flops_per_token is None and self.block_size:
             from models.factory import flops_per_token
 
             self.flops_per_token = flops_per_token(pl_module.model, self.block_size)
+        if not self._peak_known:
+            self._resolve_peak(trainer, pl_module)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
@@ -51,25 +84,53 @@ class ThroughputMonitor(L.Callback):
         wall = now - self._prev_end if self._prev_end is not None else step_time
         self._prev_end = now
         tokens = int(batch["input_ids"].numel()) * trainer.world_size
+        self._world_size = trainer.world_size
         self.total_step_time += step_time
         self.total_wall_time += wall
         self.total_tokens += tokens
+        self.steps += 1
         metrics = {"perf/tokens_per_sec": tokens / max(wall, 1e-9), "perf/step_time": step_time,
                    "perf/overhead_frac": max(0.0, 1.0 - step_time / max(wall, 1e-9))}
-        peak = peak_flops(pl_module.device)
-        if peak and self.flops_per_token:
-            metrics["perf/mfu"] = tokens * self.flops_per_token / max(wall, 1e-9) / (peak * trainer.world_size)
+        if self.flops_per_token:
+            per_device = tokens * self.flops_per_token / max(wall, 1e-9) / trainer.world_size
+            metrics["perf/tflops"] = per_device / 1e12
+            if self.peak:
+                metrics["perf/mfu"] = per_device / self.peak
+        if pl_module.device.type == "cuda":
+            self.mem_alloc_gb = torch.cuda.max_memory_allocated(pl_module.device) / GIB
+            self.mem_reserved_gb = torch.cuda.max_memory_reserved(pl_module.device) / GIB
+            metrics["perf/gpu_mem_alloc_gb"] = self.mem_alloc_gb
+            metrics["perf/gpu_mem_reserved_gb"] = self.mem_reserved_gb
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         pl_module.log("tok/s", metrics["perf/tokens_per_sec"], prog_bar=True, logger=False)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._prev_end = None  # validation time is not training overhead
 
-    def summary(self) -> dict:
-        if not self.total_wall_time:
-            return {}
-        return {"perf/tokens_per_sec_mean": self.total_tokens / self.total_wall_time,
-                "perf/overhead_frac_mean": max(0.0, 1 - self.total_step_time / self.total_wall_time)}
+    def totals(self) -> Dict[str, float]:
+        """This segment's sums: training steps, tokens, time inside steps, wall time from step to step."""
+        return {"steps": self.steps, "tokens": self.total_tokens, "step_time_s": self.total_step_time,
+                "train_wall_s": self.total_wall_time}
+
+    def summary(self, totals: Optional[Sequence[Dict[str, float]]] = None) -> dict:
+        """Means for summary.json over `totals` (every segment's totals(); default: this segment's) and this
+        segment's peak GPU memory (rank 0's device)."""
+        parts = list(totals) if totals else [self.totals()]
+        wall = sum(p.get("train_wall_s", 0.0) for p in parts)
+        out: Dict[str, float] = {}
+        if wall:
+            tokens = sum(p.get("tokens", 0) for p in parts)
+            out = {"perf/tokens_per_sec_mean": tokens / wall,
+                   "perf/overhead_frac_mean": max(0.0, 1 - sum(p.get("step_time_s", 0.0) for p in parts) / wall)}
+            if self.flops_per_token:
+                world = max(1, self._world_size)
+                out["perf/tflops_mean"] = tokens * self.flops_per_token / wall / world / 1e12
+                if self.peak:
+                    out["perf/mfu_mean"] = out["perf/tflops_mean"] * 1e12 / self.peak
+        if self.mem_alloc_gb is not None:
+            out["perf/gpu_mem_alloc_gb_peak"] = self.mem_alloc_gb
+            out["perf/gpu_mem_reserved_gb_peak"] = self.mem_reserved_gb
+        return out
 
 
 def save_last_checkpoint(trainer, fallback_path) -> str:
@@ -157,6 +218,12 @@ class SignalCheckpoint(L.Callback):
 
         if threading.current_thread() is not threading.main_thread():
             return
+        from .early_signals import EARLY_SIGNALS
+
+        if EARLY_SIGNALS and self.received is None:
+            self.received, self.received_at = EARLY_SIGNALS[0]
+            EARLY_SIGNALS.clear()
+            print(f"[signal] {self.received} during start-up: checkpoint at the first step boundary", flush=True)
         for name in self.SIGNALS:
             signum = getattr(signal, name)
             previous = signal.signal(signum, self.handler)

@@ -59,7 +59,20 @@ _DCP_SAFE_GLOBALS = {("torch", "Size"), ("torch", "float32"), ("torch", "bfloat1
                      ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
                      ("builtins", "slice"), ("torch._utils", "_rebuild_tensor_v2"), ("torch", "dtype"),
                      ("torch.storage", "_load_from_bytes"), ("torch", "layout"), ("torch", "memory_format"),
-                     ("torch", "contiguous_format"), ("torch", "preserve_format")}
+                     ("torch", "contiguous_format"), ("torch", "preserve_format"),
+                     ("torch.serialization", "_get_layout")}
+
+
+def _deepspeed_data_classes() -> list:
+    """The plain-data classes DeepSpeed's ZeRO optimizer states hold (a loss scaler's numbers, an enum, a named
+    tuple of offsets): allowed when verifying a DeepSpeed checkpoint directory, nothing else."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -75,9 +88,11 @@ def verify_checkpoint_safe(path: Path) -> None:
     if not path.is_dir():
         load_checkpoint_file(path, mmap=True)
         return
+    allowed = _deepspeed_data_classes() if checkpoint_kind(path) == "deepspeed" else []
     for f in sorted(path.rglob("*")):
         if f.suffix == ".pt":
-            load_checkpoint_file(f, mmap=True)
+            with torch.serialization.safe_globals(allowed):
+                load_checkpoint_file(f, mmap=True)
         elif f.name == ".metadata":
             try:
                 with open(f, "rb") as fh:

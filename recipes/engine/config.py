@@ -124,12 +124,18 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "auto"  # auto (offline unless logged in; WANDB_MODE wins) | online | offline | disabled
+    # auto: offline under SLURM, when not logged in or when the server does not answer within ~2.5 s; online
+    # when logged in and reachable. WANDB_MODE wins. | online | offline | disabled
+    wandb: str = "auto"
     project: str = "lm-recipes"
     entity: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     group: Optional[str] = None  # W&B group (sweeps and staged recipes set it to the parent's id)
     job_type: Optional[str] = None  # W&B job_type (default: train; stages set their own)
+    wandb_osh: bool = False  # live sync of offline runs: request a sync after each validation (wandb-osh)
+    wandb_osh_dir: Optional[str] = None  # wandb-osh's command directory (None: ~/.wandb_osh_command_dir)
+    log_checkpoints: bool = False  # the final checkpoint as a W&B artifact (type model) at the end of fit
+    peak_flops: Optional[float] = None  # peak FLOP/s of one device for perf/mfu (None: Lightning's table)
 
 
 @dataclass
@@ -381,6 +387,8 @@ def _validate_run_and_trainer(cfg: DictConfig, need) -> None:
     need(o.eps > 0, f"optim.eps must be > 0, got {o.eps}.")
     need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0: no clipping), got {o.grad_clip}.")
     need(c.every_n_steps >= 1, f"checkpoint.every_n_steps must be >= 1, got {c.every_n_steps}.")
+    peak = cfg.logging.peak_flops
+    need(peak is None or peak > 0, f"logging.peak_flops must be > 0 (FLOP/s of one device) or null, got {peak}.")
     need(c.keep >= -1, f"checkpoint.keep must be -1 (all), 0 (only last.ckpt) or a count, got {c.keep}.")
     need(d.vocab_size >= 2, f"data.vocab_size must be >= 2, got {d.vocab_size}.")
     need(d.val_batch_size >= 1, f"data.val_batch_size must be >= 1, got {d.val_batch_size}.")
@@ -389,6 +397,8 @@ def _validate_run_and_trainer(cfg: DictConfig, need) -> None:
     need(bool(list(d.domains)) or d.source != "embedded", "data.domains is empty: name at least one embedded domain.")
     need(d.source != "files" or bool(list(d.files)), "data.source=files needs data.files=[path, ...].")
     need(d.source != "hub" or bool(d.hub_name), "data.source=hub needs data.hub_name=<dataset>.")
+    problems = DataConfig.from_mapping(OmegaConf.to_container(d, resolve=True)).problems()
+    need(not problems, problems[0] if problems else "")
 
 
 def to_dict(cfg: DictConfig) -> Dict[str, Any]:

@@ -1,9 +1,14 @@
-"""Export a run's newest checkpoint as a `save_pretrained` directory (safetensors + config + tokenizer).
+"""Export a run's newest checkpoint as a folder that transformers loads (safetensors + config + tokenizer [+ code]).
 
     python -m recipes export <run_dir> [--checkpoint PATH] [--out DIR]      (make export RUN=<run_dir>)
 
-The output (default <run_dir>/export) loads back with `model.pretrained=<run_dir>/export`. Every checkpoint
-kind is consolidated into one full fp32 state dict first:
+The output (default <run_dir>/export) is written by `models.hub_export.save_export`: a plain transformers model
+(llama, mixtral, ... as the recipe built it) as `save_pretrained`; an AdaMoE (retrofitted), TokenFormer or OpenMoE
+model under a model_type of its own with `auto_map` and its code, so `AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)` gives the trained model anywhere and refuses without trust_remote_code; a LoRA (peft)
+run merged, with its adapter in <export>/adapter. It loads back here with `model.pretrained=<run_dir>/export`.
+An existing export there is replaced whole (written aside, then swapped in). Every checkpoint kind is
+consolidated into one full fp32 state dict first:
   - a Lightning .ckpt file: its `state_dict`;
   - a DeepSpeed directory (ZeRO-2/3): DeepSpeed's own zero_to_fp32 merges the fp32 master weights of all
     ranks (needs the deepspeed package);
@@ -21,6 +26,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+
+from models.hub_export import save_export
 
 from .checkpointing import checkpoint_kind, load_checkpoint_file, newest_checkpoint, verify_checkpoint_safe
 
@@ -106,10 +113,7 @@ def export(run_dir: Path, out_dir: Optional[Path] = None, checkpoint: Optional[P
         raise RuntimeError(f"Checkpoint {checkpoint} does not match the {type(model).__name__} of recipe "
                            f"'{recipe}': missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}.")
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
-    if hasattr(dm.tokenizer, "save_pretrained"):
-        dm.tokenizer.save_pretrained(str(out_dir))
+    save_export(model, out_dir, dm.tokenizer)
     return out_dir
 
 
@@ -133,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         out = export(args.run_dir, args.out, args.checkpoint)
-    except (ConfigError, RuntimeError) as e:  # ConfigError includes UnsafeCheckpointError
+    except (ConfigError, RuntimeError, ValueError) as e:  # ConfigError includes UnsafeCheckpointError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported: {out}")

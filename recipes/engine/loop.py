@@ -29,11 +29,14 @@ from .config import load_config, to_dict
 from .errors import ConfigError
 from .recipe import get_recipe
 from .runs import (
+    clear_segment_times,
     is_launching_process,
     load_run_config,
     make_run_dir,
     record_segment,
+    record_segment_time,
     save_run_config,
+    segment_times,
     wandb_id_for,
     write_json_atomic,
     write_status,
@@ -42,7 +45,8 @@ from .strategies import build_strategy, resolve_precision
 
 # Keys that define what a checkpoint holds (its tensors, its data order, its kind): a resume may not change them.
 FIXED_ON_RESUME = ("run.name", "run.root", "run.run_id", "run.seed", "model", "data.source", "data.domains",
-                   "data.files", "data.hub_name", "data.tokenizer", "data.vocab_size", "data.block_size",
+                   "data.files", "data.hub_name", "data.hub_config", "data.hub_split", "data.text_field",
+                   "data.text_template", "data.val_fraction", "data.tokenizer", "data.vocab_size", "data.block_size",
                    "trainer.strategy")
 
 
@@ -78,6 +82,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None, resume: bool = False,
         summary = run_stages(recipe.stages(cfg), cfg, run_dir)
         if summary is not None:  # None: this rank has no summary to write (another rank writes it)
             write_json_atomic(run_dir / "summary.json", summary)
+            print(format_stages_summary(cfg.run.name, summary, run_dir), flush=True)
         return run_dir
     return _fit(cfg, run_dir, resume, recipe, module_cls, module_kwargs, train_set)
 
@@ -103,9 +108,10 @@ def _fit_with_signals(cfg, run_dir: Path, resume: bool, recipe, module_cls, modu
     from models.factory import count_parameters
 
     from .callbacks import NonFiniteGuard, StopAtStep, ThroughputMonitor
-    from .logs import RunCSVLogger, make_wandb_logger
+    from .logs import RunCSVLogger, make_wandb_logger, osh_callbacks
     from .routing_callback import routing_callbacks
 
+    segment_start = time.time()  # this segment's wall time counts from here (data and model set-up included)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     dm = build_datamodule(cfg)
@@ -122,13 +128,18 @@ def _fit_with_signals(cfg, run_dir: Path, resume: bool, recipe, module_cls, modu
     loggers: List[Any] = [RunCSVLogger(run_dir / "metrics.csv", resume_step=resume_step if resume else None)]
     if not resume and (run_dir / "metrics.csv").exists():
         (run_dir / "metrics.csv").unlink()
+    if not resume and is_launching_process():
+        clear_segment_times(run_dir)  # a run started over from step 0 in this directory
+    check_logging_config(cfg)
     wb = make_wandb_logger(run_dir, wandb_id_for(run_dir), f"{cfg.run.name}/{run_dir.name}", cfg.logging.wandb,
                            cfg.logging.project, cfg.logging.entity, run_tags(cfg), to_dict(cfg),
-                           group=cfg.logging.group, job_type=cfg.logging.job_type or "train")
+                           group=cfg.logging.group, job_type=cfg.logging.job_type or "train",
+                           families=recipe.metric_prefixes)
     if wb is not None:
         loggers.append(wb)
+    osh = osh_callbacks(cfg.logging.wandb_osh, wb, cfg.logging.wandb_osh_dir)
 
-    throughput = ThroughputMonitor(block_size=cfg.data.block_size)
+    throughput = ThroughputMonitor(block_size=cfg.data.block_size, peak_flops_per_device=cfg.logging.peak_flops)
     callbacks: List[Any] = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
@@ -145,6 +156,7 @@ def _fit_with_signals(cfg, run_dir: Path, resume: bool, recipe, module_cls, modu
     if recipe.callbacks is not None:
         callbacks += list(recipe.callbacks(cfg, run_dir))
     callbacks += routing_callbacks(cfg, run_dir)  # routing_probe.enabled (any MoE recipe)
+    callbacks += osh  # logging.wandb_osh: live sync of the offline W&B run through wandb-osh
 
     plugins: List[Any] = [AtomicCheckpointIO()]
     from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -164,30 +176,43 @@ def _fit_with_signals(cfg, run_dir: Path, resume: bool, recipe, module_cls, modu
         plugins=plugins,
     )
     t0 = time.time()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*set_vital.*")
-        # validation sums are reduced by hand in on_validation_epoch_end
-        warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt[0]) if ckpt else None)
-        finished = trainer.global_step >= cfg.trainer.max_steps
-        if finished and module.last_val.get("_step") != trainer.global_step:
-            trainer.validate(module, datamodule=dm, verbose=False)
+    timing = _SegmentTiming(run_dir, trainer, throughput, segment_start, t0, resume_step or 0)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            # validation sums are reduced by hand in on_validation_epoch_end
+            warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
+            trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt[0]) if ckpt else None)
+            finished = trainer.global_step >= cfg.trainer.max_steps
+            if finished and module.last_val.get("_step") != trainer.global_step:
+                trainer.validate(module, datamodule=dm, verbose=False)
+    except BaseException:
+        timing.record("failed")
+        raise
     if signals.interrupted is not None:
+        timing.record("interrupted")
         if wb is not None:
             finish_wandb(wb)
+        _trigger_osh(osh)
         raise _interrupted(run_dir, signals.interrupted, trainer.is_global_zero)
+    timing.record("finished" if finished else "stopped")
     if trainer.is_global_zero:
+        times = segment_times(run_dir)
         summary = {
             "recipe": cfg.run.name, "run_dir": str(run_dir), "step": trainer.global_step,
             "tokens_seen": module.tokens_seen, "train/loss": module.last_train_loss,
-            "wall_time_s": time.time() - t0 + 0.0,
+            "wall_time_s": sum(float(t.get("wall_time_s", 0.0)) for t in times),
+            "fit_time_s": sum(float(t.get("fit_time_s", 0.0)) for t in times),
+            "segments": len(times),
             "num_parameters": count_parameters(module.model),
         }
+        if throughput.flops_per_token:
+            summary["flops_per_token"] = throughput.flops_per_token
         if isinstance(module.model_factory, Zero3ModelFactory):
             summary.update({f"zero3_load/{k}": v for k, v in module.model_factory.stats.items() if k != "rank"})
         summary.update({k: v for k, v in module.last_val.items() if not k.startswith("_")})
-        summary.update(throughput.summary())
+        summary.update(throughput.summary([t["throughput"] for t in times if isinstance(t.get("throughput"), dict)]))
         summary.update(module.summary_metrics())
         write_json_atomic(run_dir / "summary.json", summary)
         write_status(run_dir, "finished", step=trainer.global_step)
@@ -198,9 +223,133 @@ def _fit_with_signals(cfg, run_dir: Path, resume: bool, recipe, module_cls, modu
                 wb.experiment.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             except Exception:
                 pass
+            if cfg.logging.log_checkpoints and finished:
+                from .logs import log_checkpoint_artifact
+
+                log_checkpoint_artifact(wb, run_dir / "checkpoints" / "last.ckpt", trainer.global_step,
+                                        module.tokens_seen)
+        try:
+            print(format_run_summary(summary, run_dir, wandb_where(wb), finished=finished), flush=True)
+        except Exception as e:  # the block is a courtesy: summary.json is written
+            warnings.warn(f"could not print the run summary ({type(e).__name__}: {e})")
     if wb is not None:
         finish_wandb(wb)
+    _trigger_osh(osh)
     return run_dir
+
+
+class _SegmentTiming:
+    """Records this segment's times once, on rank 0, in <run_dir>/segment_times.jsonl (runs.record_segment_time):
+    wall time from the start of set-up, time in fit (+ final validation), steps, and the throughput totals."""
+
+    def __init__(self, run_dir: Path, trainer, throughput, start: float, fit_start: float, start_step: int):
+        self.run_dir, self.trainer, self.throughput = run_dir, trainer, throughput
+        self.start, self.fit_start, self.start_step = start, fit_start, start_step
+        self.done = False
+
+    def record(self, state: str) -> None:
+        if self.done or not self.trainer.is_global_zero:
+            return
+        self.done = True
+        now = time.time()
+        try:
+            record_segment_time(self.run_dir, {
+                "state": state, "start_step": self.start_step, "end_step": int(self.trainer.global_step),
+                "wall_time_s": now - self.start, "fit_time_s": now - self.fit_start,
+                "throughput": self.throughput.totals()})
+        except OSError as e:  # timing is bookkeeping: it never ends a run
+            warnings.warn(f"could not record the segment's time in {self.run_dir}: {e}")
+
+
+def _trigger_osh(osh) -> None:
+    """A last wandb-osh sync request once the W&B run is finished (its final data is on disk)."""
+    for cb in osh:
+        cb.trigger()
+
+
+def check_logging_config(cfg) -> None:
+    """The logging.* values loading does not check yet (one-line ConfigError)."""
+    peak = cfg.logging.peak_flops
+    if peak is not None and not float(peak) > 0:
+        raise ConfigError(f"logging.peak_flops must be > 0 (FLOP/s of one device, e.g. 989e12), got {peak}.")
+
+
+def wandb_where(wb) -> Optional[str]:
+    from .logs import wandb_location
+
+    return wandb_location(wb)
+
+
+def format_run_summary(summary: Dict[str, Any], run_dir: Path, wandb_at: Optional[str] = None,
+                       finished: bool = True) -> str:
+    """The end-of-run block printed on rank 0 (before `run_dir:`): losses, tokens, wall time over all segments,
+    throughput, and where the checkpoints, the export and the W&B run are."""
+    run_dir = Path(run_dir)
+
+    def num(key: str, fmt: str = "{:.4f}") -> Optional[str]:
+        v = summary.get(key)
+        return fmt.format(v) if isinstance(v, (int, float)) else None
+
+    state = "finished" if finished else "stopped (trainer.stop_at_step)"
+    lines = [f"== {summary.get('recipe', run_dir.parent.name)} {run_dir.name}: {state} at step "
+             f"{summary.get('step', '?')} =="]
+    losses = [f"{k} {v}" for k, v in (("train/loss", num("train/loss")), ("val/loss", num("val/loss"))) if v]
+    domains = sorted(k for k in summary if k.startswith("val/loss_"))
+    if domains:
+        losses.append("(" + ", ".join(f"{k[len('val/loss_'):]} {summary[k]:.4f}" for k in domains) + ")")
+    if losses:
+        lines.append("  loss        " + "  ".join(losses))
+    segments = int(summary.get("segments") or 1)
+    wall = summary.get("wall_time_s")
+    timing = [f"tokens {int(summary['tokens_seen']):,}" if isinstance(summary.get("tokens_seen"), (int, float))
+              else None,
+              f"wall time {_duration(wall)}" + (f" over {segments} segments" if segments > 1 else "")
+              if isinstance(wall, (int, float)) else None]
+    lines.append("  run         " + "  ".join(t for t in timing if t))
+    perf = [f"{summary['perf/tokens_per_sec_mean']:,.0f} tokens/s" if "perf/tokens_per_sec_mean" in summary else None,
+            f"{summary['perf/tflops_mean']:.3g} TFLOP/s per device" if "perf/tflops_mean" in summary else None,
+            f"MFU {100 * summary['perf/mfu_mean']:.1f}%" if "perf/mfu_mean" in summary else None,
+            f"peak GPU memory {summary['perf/gpu_mem_alloc_gb_peak']:.2f} GiB allocated, "
+            f"{summary['perf/gpu_mem_reserved_gb_peak']:.2f} GiB reserved"
+            if "perf/gpu_mem_alloc_gb_peak" in summary else None]
+    if any(perf):
+        lines.append("  throughput  " + "  ".join(p for p in perf if p))
+    ckpts = run_dir / "checkpoints"
+    files = sorted(p.name for p in ckpts.glob("*.ckpt")) if ckpts.is_dir() else []
+    if files:
+        lines.append(f"  checkpoints {ckpts}/ ({', '.join(files[-3:])}{', ...' if len(files) > 3 else ''})")
+    export = run_dir / "export"
+    lines.append(f"  export      {export}" if export.is_dir() else f"  export      make export RUN={run_dir}")
+    if wandb_at:
+        offline = not wandb_at.startswith("http")
+        lines.append(f"  W&B         {wandb_at}" + (f" (offline: make sync RUN={run_dir})" if offline else ""))
+    lines.append(f"  summary     {run_dir / 'summary.json'}")
+    return "\n".join(lines)
+
+
+def format_stages_summary(recipe: str, summary: Dict[str, Any], run_dir: Path, limit: int = 12) -> str:
+    """The end-of-run block of a staged recipe: its headline numbers (the first `limit` numeric entries of the
+    merged stage results) and where the summary and the sub-runs are."""
+    run_dir = Path(run_dir)
+    numbers = [(k, v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    lines = [f"== {recipe} {run_dir.name}: stages finished =="]
+    for k, v in numbers[:limit]:
+        lines.append(f"  {k:<32} {v:.4g}" if isinstance(v, float) else f"  {k:<32} {v}")
+    if len(numbers) > limit:
+        lines.append(f"  ... {len(numbers) - limit} more in summary.json")
+    subs = sorted(p.parent.name for p in run_dir.glob("*/summary.json"))
+    if subs:
+        lines.append(f"  sub-runs    {run_dir}/{{{','.join(subs)}}}")
+    lines.append(f"  summary     {run_dir / 'summary.json'}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    h, rem = divmod(int(round(seconds)), 3600)
+    return f"{h}h{rem // 60:02d}m{rem % 60:02d}s" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
 def run_tags(cfg) -> List[str]:

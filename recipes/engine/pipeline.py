@@ -100,7 +100,8 @@ def run_stages(stages: Sequence[Stage], cfg: DictConfig, run_dir: Path,
 
 
 def sub_run_config(parent: DictConfig, recipe: str, root: Path, run_id: str, *,
-                   data_keys: Sequence[str] = ("source", "files", "text_field", "hub_name", "hub_split",
+                   data_keys: Sequence[str] = ("source", "files", "text_field", "text_template", "hub_name",
+                                               "hub_config", "hub_split", "streaming", "num_proc",
                                                "max_chars_per_domain", "cache_dir", "block_size", "batch_size",
                                                "val_fraction", "num_workers"),
                    overrides: Sequence[str] = (), job_type: Optional[str] = None) -> DictConfig:

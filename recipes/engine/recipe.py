@@ -15,6 +15,8 @@ Which hook does what, in the order train() uses them:
   stages         (cfg) -> list of pipeline Stages: a staged recipe (fusechat, twin_merging) replaces the
                  single training run by these (recipes/engine/pipeline.py)
   commands       extra CLI subcommands: name -> main(argv) -> exit code (e.g. `analyze`, `fuse`)
+  panels         the recipe's own dashboard / report panels (recipes/engine/panels.py): Panels, or
+                 (cfg) -> Panels; every recipe also gets the common ones (losses, throughput)
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import difflib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from .errors import ConfigError
 
@@ -49,6 +51,9 @@ class Recipe:
     fixed_on_resume: Sequence[str] = ()
     metric_prefixes: Sequence[str] = ()  # the metric families the recipe logs (e.g. "moe/"), for docs/dashboards
     commands: Mapping[str, Callable[[List[str]], int]] = field(default_factory=dict)
+    # Dashboard / report panels beyond the common ones: a sequence of recipes.engine.panels.Panel, or a callable
+    # (cfg) -> panels when the keys follow from the config (`make dashboard`, `make report`).
+    panels: Union[Sequence[Any], Callable[[Any], Sequence[Any]]] = ()
 
     @property
     def staged(self) -> bool:

@@ -35,7 +35,7 @@ class RoutingProbeConfig:
     position_buckets: int = 8
     min_token_count: int = 5  # token ids seen fewer times in the probed batch are left out of specialisation
     capacity_factor: Optional[float] = None  # dropless models only: drops this factor would cause
-    priority: str = "position"  # position | slot (for the computed drops of dropless models)
+    priority: str = "position"  # models.routing_probe.PRIORITIES (the computed drops of dropless models)
     images: bool = True  # render figures for W&B (only when a W&B logger is attached)
     save_pngs: bool = False  # also write the figures to <run_dir>/analysis/steps/
 
@@ -47,8 +47,10 @@ def check_config(c) -> None:
         raise ConfigError(f"routing_probe.position_buckets must be >= 1, got {c.position_buckets}.")
     if c.capacity_factor is not None and c.capacity_factor <= 0:
         raise ConfigError(f"routing_probe.capacity_factor must be > 0 or null, got {c.capacity_factor}.")
-    if c.priority not in ("position", "slot"):
-        raise ConfigError(f"routing_probe.priority must be position or slot, got '{c.priority}'.")
+    from models.routing_probe.capacity import PRIORITIES
+
+    if c.priority not in PRIORITIES:
+        raise ConfigError(f"routing_probe.priority must be one of {', '.join(PRIORITIES)}, got '{c.priority}'.")
 
 
 def _wandb_loggers(trainer) -> List[Any]:

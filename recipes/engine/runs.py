@@ -171,6 +171,36 @@ def segments(run_dir: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+SEGMENT_TIMES = "segment_times.jsonl"
+
+
+def record_segment_time(run_dir: Path, record: Dict[str, Any]) -> None:
+    """Append the timing of one training segment (it ended: finished, interrupted or failed) to
+    <run_dir>/segment_times.jsonl; `summary.json`'s wall time is the sum over these lines."""
+    entry = {"end": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(), **record}
+    with open(Path(run_dir) / SEGMENT_TIMES, "a") as f:
+        f.write(json.dumps(entry, default=float) + "\n")
+
+
+def segment_times(run_dir: Path) -> list:
+    """The records of record_segment_time, oldest first (a torn last line, from a killed writer, is skipped)."""
+    path = Path(run_dir) / SEGMENT_TIMES
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def clear_segment_times(run_dir: Path) -> None:
+    """Forget the segment timings (a run that starts from step 0 again in the same directory)."""
+    (Path(run_dir) / SEGMENT_TIMES).unlink(missing_ok=True)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write `data` as indented JSON under `path`, atomically (temporary file + rename)."""
     path = Path(path)

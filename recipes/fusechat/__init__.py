@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from recipes.engine.panels import Panel
 from recipes.engine.recipe import Recipe, register
 
 from .config import STAGE_KEYS, STAGES, FuseChatConfig, FuseModelConfig, check
@@ -157,10 +158,43 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def panels(cfg) -> List[Panel]:
+    """Dashboard / report panels: the fusion loss terms of the target sub-runs, and the merge stage's evaluation
+    (validation loss per model and domain; the models and domains follow from the config)."""
+    fc = cfg.fusechat
+    methods = list(dict.fromkeys([fc.merge_method] + list(fc.compare_merge_methods)))
+    models = (["pivot"] + (["clm_only"] if fc.clm_baseline else []) + [f"target_{s.name}" for s in fc.sources]
+              + [f"merged_{m}" for m in methods])
+    note = "merge stage, summary.json only (the staged parent run has no W&B run)"
+    out = [
+        Panel("fusion loss terms of the targets", "line", ("fusion/clm", "fusion/fused_ce"), section="fusion",
+              note="the target sub-runs: loss = lam * CLM + (1 - lam) * fused CE"),
+        Panel("validation loss per model, all domains", "bar", tuple(f"fusechat/val_loss/{m}/all" for m in models),
+              section="fusechat results", local_only=True, note=note),
+    ]
+    for domain in cfg.data.domains:
+        out.append(Panel(f"validation loss per model, {domain}", "bar",
+                         tuple(f"fusechat/val_loss/{m}/{domain}" for m in models), section="fusechat results",
+                         local_only=True, note=note))
+    out += [
+        Panel("validation loss table (model x domain)", "table", table="merge.evaluation.val_loss",
+              section="fusechat results", local_only=True, note="pivot tokens; lower is better"),
+        Panel("evaluation chart", "image", files=("evaluation.png",), section="fusechat results", local_only=True),
+    ]
+    return out
+
+
 register(Recipe(
     name="fusechat", yaml=HERE / "fusechat.yaml", method="fusechat",
     description="fuse sources with different tokenizers into a pivot (represent, align, train, merge)",
     sections={"fusechat": FuseChatConfig}, validate=check, stages=stages, commands={"fuse": main},
-    metric_prefixes=("fusion/", "fusechat/")))
+    metric_prefixes=("fusion/", "fusechat/"), panels=panels))
 
-__all__ = ["FuseChatConfig", "FuseModelConfig", "STAGES", "check", "main", "run", "run_stages", "stages"]
+# FuseChat-7B-VaRM's setting: OpenChat-3.5 pivot, NH2-Mixtral-8x7B and NH2-SOLAR-10.7B sources (docs/paper_scale.md).
+register(Recipe(
+    name="fusechat_paper", yaml=HERE / "fusechat_paper.yaml", method="fusechat",
+    description="FuseChat-7B-VaRM setting: OpenChat-3.5 pivot, NH2-Mixtral-8x7B + NH2-SOLAR-10.7B sources, VaRM",
+    sections={"fusechat": FuseChatConfig}, validate=check, stages=stages,
+    metric_prefixes=("fusion/", "fusechat/"), panels=panels))
+
+__all__ = ["FuseChatConfig", "FuseModelConfig", "STAGES", "check", "main", "panels", "run", "run_stages", "stages"]

@@ -1,10 +1,11 @@
 """The align stage: each source's top-k re-expressed in the pivot's vocabulary, at the pivot's positions.
 
 Per source, under align/<source>/:
-1. match-NNNNN   DTW over the two tokenisations of every block: pivot position -> the source position it is
-                 matched one-to-one with (-1: none).
+1. match-NNNNN   DTW over the two tokenisations of every block (cost fusechat.align_cost, tie order
+                 align_ties): pivot position -> the source position it is matched one-to-one with (-1: none;
+                 definition fusechat.one_to_one), and the DTW path as per-pivot-position source ranges.
 2. vocab_map-<kind>.npy   source id -> pivot id (-1: unmapped) by exact match, minimum edit distance or
-                 statistics over the aligned pairs (fusechat.vocab_map).
+                 statistics over the aligned pairs (fusechat.vocab_map; the statistics by fusechat.ms_rule).
 3. dist-NNNNN    the source's top-k through the map at matched positions; elsewhere a one-hot on the pivot's
                  gold next token.
 """
@@ -34,7 +35,9 @@ from .common import (
     shard_name,
     tokenizer_kind,
 )
-from .config import ALIGN_KEYS
+from .config import ALIGN_KEYS, align_options
+
+AGREEMENT = ("positions", "same_text", "matched", "matched_same_end")  # data.alignment.text_agreement's counts
 
 
 def vocab_list(tokenizer, width: int) -> List[Optional[str]]:
@@ -55,34 +58,55 @@ def one_to_one_alignment(n_src: int, n_tgt: int, tgt_to_src: np.ndarray):
     return TokenAlignment(n_src, n_tgt, (), groups, float("nan"))
 
 
-def _match_shards(cfg, layout: RepresentLayout, pivot_paths, src_paths, out_dir: Path, todo: Sequence[int],
-                  pivot_tok, src_tok, name: str) -> None:
-    """match-NNNNN of the shards `todo`: the whole shard through one batched DTW (the same paths as one call
-    per block, faster)."""
-    from data.alignment import align_token_sequences_batch
+def match_shard(piv: Dict[str, torch.Tensor], src: Dict[str, torch.Tensor], pivot_tok, src_tok,
+                options: Dict[str, str], band: Optional[int]) -> Dict[str, torch.Tensor]:
+    """The match-NNNNN tensors of one pair of represent shards: the whole shard through one batched DTW (the
+    same paths as one call per block, faster) with the alignment choices `options` (`config.align_options`).
+    tgt_to_src: the one-to-one match per pivot position; src_first / src_last: the DTW path; agreement: per
+    block the counts of `data.alignment.text_agreement` (AGREEMENT)."""
+    from data.alignment import align_token_sequences_batch, one_to_one_matches, substring_weight_of, text_agreement
 
     pivot_kind, src_kind = tokenizer_kind(pivot_tok), tokenizer_kind(src_tok)
+    matches = torch.full(piv["input_ids"].shape, -1, dtype=torch.int32)
+    first, last = torch.full_like(matches, -1), torch.full_like(matches, -1)
+    agreement = torch.zeros(piv["input_ids"].shape[0], len(AGREEMENT), dtype=torch.int64)
+    pairs = []
+    for b in range(piv["input_ids"].shape[0]):
+        p_ids = piv["input_ids"][b][: int(piv["length"][b])].tolist()
+        s_ids = src["input_ids"][b][: int(src["length"][b])].tolist()
+        pairs.append((src_tok.convert_ids_to_tokens(s_ids), pivot_tok.convert_ids_to_tokens(p_ids)))
+    alignments = align_token_sequences_batch(pairs, src_kind, pivot_kind, substring_weight_of(options["cost"]),
+                                             band=band, ties=options["ties"])
+    for b, ((src_tokens, pivot_tokens), alignment) in enumerate(zip(pairs, alignments)):
+        matched = one_to_one_matches(alignment, options["one_to_one"], src_tokens, pivot_tokens, src_kind,
+                                     pivot_kind)
+        matches[b, : alignment.n_tgt] = torch.from_numpy(matched).int()
+        block_first, block_last = alignment.tgt_src_ranges()
+        first[b, : alignment.n_tgt] = torch.from_numpy(block_first).int()
+        last[b, : alignment.n_tgt] = torch.from_numpy(block_last).int()
+        counts = text_agreement(alignment, matched, src_tokens, pivot_tokens, src_kind, pivot_kind)
+        agreement[b] = torch.tensor([counts[k] for k in AGREEMENT])
+    return {"tgt_to_src": matches, "src_first": first, "src_last": last, "agreement": agreement}
+
+
+def _match_shards(cfg, layout: RepresentLayout, pivot_paths, src_paths, out_dir: Path, todo: Sequence[int],
+                  pivot_tok, src_tok, name: str) -> None:
+    """match-NNNNN of the shards `todo` (`match_shard`)."""
+    options = align_options(cfg.fusechat)
     bar = progress(sum(layout.shard_range(s)[1] - layout.shard_range(s)[0] for s in todo), f"align {name}",
                    cfg.trainer.progress_bar)
     for s in todo:
         piv, src = load_safetensors(pivot_paths[s]), load_safetensors(src_paths[s])
-        matches = torch.full(piv["input_ids"].shape, -1, dtype=torch.int32)
-        pairs = []
-        for b in range(piv["input_ids"].shape[0]):
-            p_ids = piv["input_ids"][b][: int(piv["length"][b])].tolist()
-            s_ids = src["input_ids"][b][: int(src["length"][b])].tolist()
-            pairs.append((src_tok.convert_ids_to_tokens(s_ids), pivot_tok.convert_ids_to_tokens(p_ids)))
-        for b, alignment in enumerate(align_token_sequences_batch(pairs, src_kind, pivot_kind,
-                                                                  band=cfg.fusechat.dtw_band)):
-            matches[b, : alignment.n_tgt] = torch.from_numpy(alignment.tgt_to_src_one_to_one()).int()
-        bar.update(len(pairs))
-        save_safetensors_atomic(out_dir / shard_name("match", s), {"tgt_to_src": matches})
+        tensors = match_shard(piv, src, pivot_tok, src_tok, options, cfg.fusechat.dtw_band)
+        bar.update(int(piv["input_ids"].shape[0]))
+        save_safetensors_atomic(out_dir / shard_name("match", s), tensors)
     bar.close()
 
 
 def _vocab_map(cfg, layout: RepresentLayout, pivot_paths, src_paths, match_paths, pivot_tok, src_tok) -> np.ndarray:
-    """Source id -> pivot id (-1: unmapped) by fusechat.vocab_map, `len(src_tok)` long."""
-    from data.alignment import vocab_map_exact, vocab_map_min_ed, vocab_map_statistics
+    """Source id -> pivot id (-1: unmapped) by fusechat.vocab_map, `len(src_tok)` long. The statistics map
+    counts the one-to-one pairs (fusechat.ms_rule=ours) or every pair on the DTW path (paper)."""
+    from data.alignment import alignment_from_ranges, vocab_map_exact, vocab_map_min_ed, vocab_map_statistics
 
     fc = cfg.fusechat
     pivot_kind, src_kind = tokenizer_kind(pivot_tok), tokenizer_kind(src_tok)
@@ -99,10 +123,16 @@ def _vocab_map(cfg, layout: RepresentLayout, pivot_paths, src_paths, match_paths
             match = load_safetensors(match_paths[s])
             for b in range(piv["input_ids"].shape[0]):
                 n_p, n_s = int(piv["length"][b]), int(src["length"][b])
-                yield (src["input_ids"][b][:n_s].tolist(), piv["input_ids"][b][:n_p].tolist(),
-                       one_to_one_alignment(n_s, n_p, match["tgt_to_src"][b][:n_p].numpy()))
+                if rule == "paper":
+                    alignment = alignment_from_ranges(n_s, n_p, match["src_first"][b][:n_p].tolist(),
+                                                      match["src_last"][b][:n_p].tolist())
+                else:
+                    alignment = one_to_one_alignment(n_s, n_p, match["tgt_to_src"][b][:n_p].numpy())
+                yield src["input_ids"][b][:n_s].tolist(), piv["input_ids"][b][:n_p].tolist(), alignment
 
-    return vocab_map_statistics(corpus(), src_vocab, piv_vocab, src_kind, pivot_kind, min_count=fc.ms_min_count)
+    rule = align_options(fc)["ms_rule"]
+    return vocab_map_statistics(corpus(), src_vocab, piv_vocab, src_kind, pivot_kind, min_count=fc.ms_min_count,
+                                rule=rule)
 
 
 def _dist_shards(cfg, pivot_paths, src_paths, match_paths, vmap: np.ndarray, out_dir: Path,
@@ -167,10 +197,29 @@ def align_source(cfg, run_dir: Path, layout: RepresentLayout, entry, pivot_tok) 
     matched, total = _dist_shards(cfg, pivot_paths, src_paths, match_paths, vmap, out_dir, todo)
     complete = all((out_dir / shard_name("dist", s)).exists() for s in range(layout.num_shards))
     stats.update(complete=complete, shards_computed=len(todo),
-                 vocab_mapped_fraction=float((vmap[:src_width] >= 0).mean()))
+                 vocab_mapped_fraction=float((vmap[:src_width] >= 0).mean()), **align_options(fc))
     if total:
         stats["one_to_one_fraction"] = matched / total
+    if complete:
+        stats.update(text_agreement_fractions(match_paths))
     return stats
+
+
+def text_agreement_fractions(match_paths: Sequence[Path]) -> Dict[str, float]:
+    """Over all blocks: the fraction of pivot positions whose DTW group holds the same text on both sides
+    (same_text_fraction), matched to a source position (matched_fraction), and matched to a source token
+    that ends where the pivot token ends (matched_same_end_fraction: the source then predicts the same
+    next text), and that last count over the matched positions (same_end_of_matched)."""
+    return agreement_fractions(sum(load_safetensors(p)["agreement"].sum(dim=0) for p in match_paths))
+
+
+def agreement_fractions(total: torch.Tensor) -> Dict[str, float]:
+    """`text_agreement_fractions` of summed AGREEMENT counts."""
+    counts = dict(zip(AGREEMENT, total.tolist()))
+    positions = max(counts["positions"], 1)
+    return {"same_text_fraction": counts["same_text"] / positions, "matched_fraction": counts["matched"] / positions,
+            "matched_same_end_fraction": counts["matched_same_end"] / positions,
+            "same_end_of_matched": counts["matched_same_end"] / max(counts["matched"], 1)}
 
 
 def align_stage(cfg, run_dir: Path, results: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:

@@ -49,7 +49,8 @@ def _sequence_pairs(bpe, unigram, docs, n: int, pivot_len: int):
 
 @register("fusechat_alignment", "FuseChat token alignment between real Unigram and byte-level BPE tokenizers "
           "(8192 entries each) on Python docs: DTW alignment throughput (pivot tokens/s, 128-token windows) "
-          "and MinED vocabulary-map time, rapidfuzz + numpy vs the pure-Python `reference_align` / brute "
+          "(the default alignment: containment-discount cost) and MinED vocabulary-map time, rapidfuzz + numpy vs "
+          "our own pure-Python `reference_align` (not the official scripts) / brute "
           "force (goal >= 20x), measured side by side on the same inputs (speedups: CPU-time ratios, "
           "throughputs: wall clock). `align_fast` is the align stage's "
           "path (`align_token_sequences_batch` over the windows of a shard); `align_single` one window per "
@@ -73,7 +74,9 @@ def fusechat_alignment() -> dict:
     ref_pairs = pairs[:4]  # the baseline is slow: a subset, same windows, compared per token
     # Steady state of the align stage (thousands of windows): numpy/rapidfuzz warmed up and the
     # memoised token normalisation filled by OTHER windows than the timed ones.
-    align_token_sequences_batch(warmup, "sentencepiece", "byte_level")
+    # The recipe's default alignment (align_preset=ours): containment-discount cost, source-first ties.
+    kw = {"substring_weight": 0.1, "ties": "source_first"}
+    align_token_sequences_batch(warmup, "sentencepiece", "byte_level", **kw)
 
     def timed(fn, repeat: int = 1):
         """(wall s, CPU s of this process, result), best of `repeat`. Every path here is single-threaded
@@ -87,11 +90,12 @@ def fusechat_alignment() -> dict:
             best = (w, c, result) if best is None or c < best[1] else best
         return best
 
-    fast_s, fast_cpu, fast_results = timed(lambda: align_token_sequences_batch(pairs, "sentencepiece", "byte_level"), 3)
+    fast_s, fast_cpu, fast_results = timed(
+        lambda: align_token_sequences_batch(pairs, "sentencepiece", "byte_level", **kw), 3)
     single_s, single_cpu, single_results = timed(
-        lambda: [align_token_sequences(src, tgt, "sentencepiece", "byte_level") for src, tgt in pairs], 3)
+        lambda: [align_token_sequences(src, tgt, "sentencepiece", "byte_level", **kw) for src, tgt in pairs], 3)
     ref_s, ref_cpu, ref_results = timed(
-        lambda: [reference_align(src, tgt, "sentencepiece", "byte_level") for src, tgt in ref_pairs])
+        lambda: [reference_align(src, tgt, "sentencepiece", "byte_level", **kw) for src, tgt in ref_pairs])
     agree = all(a.path == b.path and a.cost == b.cost for a, b in zip(fast_results, ref_results)) and \
         all(a.path == b.path for a, b in zip(fast_results, single_results))
     n_fast, n_ref = sum(len(t) for _, t in pairs), sum(len(t) for _, t in ref_pairs)
@@ -202,4 +206,161 @@ def fusechat_storage_merge() -> dict:
                     **{f"merge_{m}_s": round(s, 3) for m, s in merge_s.items()},
                     **{f"merge_{m}_mb_per_s": round(total_bytes / 2**20 / s, 1) for m, s in merge_s.items()},
                     **{f"merge_{m}_vs_read": round(s / read_s, 1) for m, s in merge_s.items()}})
+    return out
+
+
+# ------------------------------------------------------------------------------------- the paper's claim
+
+# FuseChat's claim at toy scale, several seeds: the targets (pivot + fusion) and their merge against the same
+# steps of plain CLM (`clm_only`, which the recipe trains on the same blocks). The recipe's embedded default
+# (pivot on all domains, a Unigram source on stdlib, a BPE source on licences), scaled to fit ~15 minutes of a
+# busy 2-core machine with one thread per process: every model's steps, the represented blocks (one pass of the
+# targets' steps) and the evaluation blocks are reduced. The pivot trains fewer steps than the sources, so that
+# the sources are the stronger models, as in the paper.
+CLAIM_SEEDS = (1, 2, 3)
+CLAIM_PIVOT_STEPS, CLAIM_SOURCE_STEPS, CLAIM_TARGET_STEPS, CLAIM_EVAL_BLOCKS = 100, 150, 50, 160
+CLAIM_MODELS = ("clm_only", "target_stdlib_unigram", "target_licenses_bpe", "merged_sce", "merged_varm")
+CLAIM_OWN_DOMAIN = {"target_stdlib_unigram": "stdlib", "target_licenses_bpe": "licenses"}
+# The alignment variants the claim can be run with (FUSECHAT_CLAIM_VARIANTS, comma-separated; default: the
+# recipe's default alone): name -> the alignment keys it sets (the others: the recipe's values).
+CLAIM_VARIANTS = {"default": {}, "paper": {"align_preset": "paper"}, "ours": {"align_preset": "ours"},
+                  "paper_discount": {"align_preset": "paper", "align_cost": "containment_discount"}}
+ALIGN_CHOICE_KEYS = ("align_preset", "align_cost", "align_ties", "one_to_one", "ms_rule")
+
+
+def _variant_overrides(variant: str) -> list:
+    """Every alignment key, so that a run directory's saved config (another variant's) is fully overridden."""
+    from recipes.engine.config import load_config
+
+    recipe = load_config("fusechat", []).fusechat
+    values = {key: recipe[key] for key in ALIGN_CHOICE_KEYS}
+    values.update(CLAIM_VARIANTS[variant])
+    return [f"fusechat.{key}={'null' if value is None else value}" for key, value in values.items()]
+
+
+def _claim_overrides(seed: int, variant: str) -> list:
+    from recipes.engine.config import load_config
+
+    default = load_config("fusechat", [])
+    sources = []
+    for s in default.fusechat.sources:
+        extra = "".join(f", {k}: {s[k]}" for k in ("block_size", "batch_size") if s[k] is not None)
+        sources.append(f"{{name: {s.name}, tokenizer: {s.tokenizer}, vocab_size: {s.vocab_size}, "
+                       f"domains: [{', '.join(s.domains)}], steps: {CLAIM_SOURCE_STEPS}, lr: {s.lr}{extra}}}")
+    batch = int(default.data.batch_size)
+    return [f"run.seed={seed}", "trainer.progress_bar=false", "logging.wandb=disabled",
+            f"fusechat.pivot.steps={CLAIM_PIVOT_STEPS}", f"fusechat.sources=[{', '.join(sources)}]",
+            f"fusechat.num_blocks={CLAIM_TARGET_STEPS * batch}", f"fusechat.target_steps={CLAIM_TARGET_STEPS}",
+            "fusechat.compare_merge_methods=[varm]", f"fusechat.eval_max_blocks={CLAIM_EVAL_BLOCKS}",
+            *_variant_overrides(variant)]
+
+
+def _alignment_of_variant(run_dir: Path, variant: str) -> dict:
+    """The align stage's text-agreement fractions per source for `variant`, computed from the run's represent
+    shards without touching the run directory (the run itself holds one variant's alignment)."""
+    from recipes.engine.config import load_config
+    from recipes.engine.runs import load_run_config, load_safetensors
+    from recipes.fusechat.align import AGREEMENT, agreement_fractions, match_shard
+    from recipes.fusechat.common import load_tokenizer, model_dir, read_layout, represent_shards
+    from recipes.fusechat.config import align_options
+
+    cfg = load_config("fusechat", _variant_overrides(variant), base=load_run_config(run_dir))
+    fc = cfg.fusechat
+    layout = read_layout(run_dir)
+    pivot_tok = load_tokenizer(fc.pivot, model_dir(cfg, run_dir, fc.pivot))
+    out = {}
+    for entry in fc.sources:
+        src_tok = load_tokenizer(entry, model_dir(cfg, run_dir, entry))
+        total = torch.zeros(len(AGREEMENT), dtype=torch.int64)
+        for piv_path, src_path in zip(represent_shards(run_dir, fc.pivot.name, layout),
+                                      represent_shards(run_dir, entry.name, layout)):
+            tensors = match_shard(load_safetensors(piv_path), load_safetensors(src_path), pivot_tok, src_tok,
+                                  align_options(fc), fc.dtw_band)
+            total += tensors["agreement"].sum(dim=0)
+        out[entry.name] = {k: round(v, 4) for k, v in agreement_fractions(total).items()}
+    return out
+
+
+def _claim_seed(root: Path, seed: int, variant: str) -> dict:
+    """One seed's pipeline with alignment `variant` (stages already finished with the same settings are
+    skipped; another variant re-runs align, train and merge only). Returns the evaluation and the align stage's
+    figures, also kept as claim_<variant>.json in the run directory."""
+    import json
+
+    from recipes.fusechat import main as fuse
+
+    run_dir = root / f"seed{seed}"
+    done = run_dir / f"claim_{variant}.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    print(f"[fusechat_claim] seed {seed}, alignment {variant}", flush=True)
+    if fuse(["--stage", "all", "--run-dir", str(run_dir), *_claim_overrides(seed, variant)]) != 0:
+        raise RuntimeError(f"the fusechat pipeline failed in {run_dir}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    result = {"val_loss": summary["merge"]["evaluation"]["val_loss"], "align": summary["align"],
+              "source_share": {k: v.get("source_share") for k, v in summary.get("train", {}).items()
+                               if isinstance(v, dict)}}
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+@register("fusechat_claim", "FuseChat's claim at toy scale, 3 seeds: validation loss (nats per pivot token, "
+          f"{CLAIM_EVAL_BLOCKS} blocks) of the targets and their SCE / VaRM merges against `clm_only` (the pivot "
+          "with the same steps of plain CLM on the same blocks), overall and on each target's own domain; the recipe "
+          f"default with pivot {CLAIM_PIVOT_STEPS} steps, sources {CLAIM_SOURCE_STEPS}, targets {CLAIM_TARGET_STEPS} "
+          "(one pass); FUSECHAT_CLAIM_VARIANTS=default,paper,ours,paper_discount also trains with those alignment "
+          "choices. Plus the alignment's agreement with the text under each variant on seed 1's blocks. One thread "
+          "per process; runs under $FUSECHAT_CLAIM_DIR (default bench/tmp/fusechat_claim).")
+def fusechat_claim() -> dict:
+    root = Path(os.environ.get("FUSECHAT_CLAIM_DIR", Path(__file__).resolve().parents[2] / "bench" / "tmp"
+                               / "fusechat_claim")).resolve()
+    variants = [v for v in os.environ.get("FUSECHAT_CLAIM_VARIANTS", "default").split(",") if v]
+    unknown = [v for v in variants if v not in CLAIM_VARIANTS]
+    if unknown:
+        raise ValueError(f"FUSECHAT_CLAIM_VARIANTS: unknown {unknown}; known: {', '.join(CLAIM_VARIANTS)}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t_start = time.time()
+    figures: dict = {"seeds": list(CLAIM_SEEDS), "variants": variants}
+    try:
+        for variant in variants:
+            per_seed = {}
+            for seed in CLAIM_SEEDS:
+                per_seed[seed] = _claim_seed(root, seed, variant)
+            figures.update(_claim_figures(per_seed, variant))
+        figures["alignment_seed1"] = {v: _alignment_of_variant(root / f"seed{CLAIM_SEEDS[0]}", v)
+                                      for v in ("paper", "ours", "paper_discount")}
+    finally:
+        torch.set_num_threads(threads)
+    figures["wall_s"] = round(time.time() - t_start, 1)
+    return figures
+
+
+def _claim_figures(per_seed: dict, variant: str) -> dict:
+    """Per-seed values, mean / std / min / max, of every model's overall loss, each target's loss on its own
+    domain, and the paired differences to clm_only (negative: better than plain CLM)."""
+    import statistics
+
+    def spread(values):
+        return {"mean": round(statistics.mean(values), 4), "std": round(statistics.stdev(values), 4),
+                "min": round(min(values), 4), "max": round(max(values), 4)}
+
+    out = {}
+    seeds = sorted(per_seed)
+    for model in ("pivot",) + CLAIM_MODELS:
+        values = [per_seed[s]["val_loss"][model]["all"] for s in seeds]
+        out[f"{variant}/{model}/all"] = [round(v, 4) for v in values]
+        out[f"{variant}/{model}/all_stats"] = spread(values)
+        if model != "clm_only":
+            diff = [per_seed[s]["val_loss"][model]["all"] - per_seed[s]["val_loss"]["clm_only"]["all"] for s in seeds]
+            out[f"{variant}/{model}_minus_clm_only/all_stats"] = spread(diff)
+    for model, domain in CLAIM_OWN_DOMAIN.items():
+        diff = [per_seed[s]["val_loss"][model][domain] - per_seed[s]["val_loss"]["clm_only"][domain] for s in seeds]
+        out[f"{variant}/{model}_minus_clm_only/{domain}"] = [round(v, 4) for v in diff]
+        out[f"{variant}/{model}_minus_clm_only/{domain}_stats"] = spread(diff)
+    for source in CLAIM_OWN_DOMAIN:
+        name = source.removeprefix("target_")
+        for key in ("matched_fraction", "same_text_fraction", "matched_same_end_fraction", "same_end_of_matched"):
+            values = [per_seed[s]["align"][name][key] for s in seeds]
+            out[f"{variant}/align/{name}/{key}"] = spread(values)
     return out

@@ -112,7 +112,7 @@ def tokenizer_path(entry, model_path: Path) -> str:
 def load_tokenizer(entry, model_path: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tokenizer_path(entry, model_path))
+    return AutoTokenizer.from_pretrained(tokenizer_path(entry, model_path), trust_remote_code=False)
 
 
 def tokenizer_kind(tokenizer) -> str:

@@ -8,7 +8,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from recipes.engine.errors import ConfigError
 
@@ -28,7 +28,9 @@ _DATA_KEYS = tuple(f"data.{k}" for k in ("source", "domains", "files", "text_fie
 REPRESENT_KEYS = ("fusechat.pivot", "fusechat.sources", "fusechat.num_blocks", "fusechat.topk",
                   "fusechat.shard_blocks", "fusechat.logits_dtype", "run.seed", "model.arch", "model.size",
                   "optim.warmup_steps", *_DATA_KEYS)
-ALIGN_KEYS = REPRESENT_KEYS + ("fusechat.vocab_map", "fusechat.ms_min_count", "fusechat.dtw_band")
+ALIGN_KEYS = REPRESENT_KEYS + ("fusechat.vocab_map", "fusechat.ms_min_count", "fusechat.dtw_band",
+                               "fusechat.align_preset", "fusechat.align_cost", "fusechat.align_ties",
+                               "fusechat.one_to_one", "fusechat.ms_rule")
 TRAIN_KEYS = ALIGN_KEYS + ("fusechat.fusion", "fusechat.ce_unit", "fusechat.lam", "fusechat.temperature",
                            "fusechat.target_steps", "fusechat.target_lr", "fusechat.clm_baseline")
 MERGE_KEYS = TRAIN_KEYS + ("fusechat.merge_method", "fusechat.compare_merge_methods", "fusechat.sce_select_topk",
@@ -71,6 +73,14 @@ class FuseChatConfig:
     vocab_map: str = "min_ed"  # min_ed | exact | statistics
     ms_min_count: int = 1
     dtw_band: Optional[int] = None  # Sakoe-Chiba band (target positions); None: full DTW
+    # The alignment's choices (data/alignment.py); each null takes the preset's value. Preset "paper": the
+    # official FuseChat code's in each; "ours": containment_discount, source_first, group, ours (what
+    # fusechat.yaml sets: measured better, README "Results in brief").
+    align_preset: str = "paper"  # paper | ours
+    align_cost: Optional[str] = None  # paper (plain edit distance) | containment_discount (x0.1 if contained)
+    align_ties: Optional[str] = None  # paper (diagonal, pivot step, source step) | source_first
+    one_to_one: Optional[str] = None  # paper (one source token on the path + suffix test) | group (1:1 group)
+    ms_rule: Optional[str] = None  # paper (path pairs, min discounted ED x sigmoid(count)) | ours (count/(1+ED))
     # train
     fusion: str = "min_ce"  # min_ce | weighted
     ce_unit: str = "token"  # MinCE compares mean CE per token ("token") or the sequence total ("sequence")
@@ -88,6 +98,15 @@ class FuseChatConfig:
     task_arithmetic_lam: float = 1.0
     eval_batch_size: int = 32
     eval_max_blocks: int = 0  # validation blocks per evaluated model; 0 = all
+
+
+def align_options(fc) -> Dict[str, str]:
+    """The resolved alignment choices: {cost, ties, one_to_one, ms_rule}, each the key's value or the preset's."""
+    from data.alignment import ALIGN_PRESETS
+
+    preset = ALIGN_PRESETS[fc.align_preset]
+    keys = {"cost": "align_cost", "ties": "align_ties", "one_to_one": "one_to_one", "ms_rule": "ms_rule"}
+    return {name: fc[key] if fc[key] is not None else preset[name] for name, key in keys.items()}
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -161,6 +180,13 @@ def check(cfg) -> None:
     _one_of("vocab_map", fc.vocab_map, VOCAB_MAPS)
     _need(fc.ms_min_count >= 1, f"fusechat.ms_min_count must be >= 1, got {fc.ms_min_count}.")
     _need(fc.dtw_band is None or fc.dtw_band >= 0, f"fusechat.dtw_band must be >= 0 or null, got {fc.dtw_band}.")
+    from data.alignment import ALIGN_COSTS, ALIGN_PRESETS, MS_RULES, ONE_TO_ONE, TIE_ORDERS
+
+    _one_of("align_preset", fc.align_preset, tuple(ALIGN_PRESETS))
+    for key, allowed in (("align_cost", ALIGN_COSTS), ("align_ties", TIE_ORDERS), ("one_to_one", ONE_TO_ONE),
+                         ("ms_rule", MS_RULES)):
+        _need(fc[key] is None or fc[key] in allowed,
+              f"fusechat.{key} must be one of {', '.join(allowed)} or null (the preset's); got '{fc[key]}'.")
     # train
     _one_of("fusion", fc.fusion, FUSIONS)
     _one_of("ce_unit", fc.ce_unit, CE_UNITS)

@@ -100,7 +100,7 @@ def generate_text(model_dir: Path, prompt: str = "def ", max_new_tokens: int = 1
     from models.factory import load_pretrained
 
     model = load_pretrained(str(model_dir)).eval()
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=tok.pad_token_id)

@@ -2,6 +2,7 @@
 
     python -m recipes analyze runs/openmoe/<run_id> [max_blocks=0] [batch_size=32] [position_buckets=8]
                               [min_token_count=5] [capacity_factor=2.0] [wandb=true] [top_n=10]
+                              [layer=null] [spec_threshold=128]
 
 For every saved checkpoint (checkpoints/step*.ckpt, last.ckpt; one per global step) the model of the run
 (config.yaml: same architecture and recipe `prepare_model`) gets the checkpoint's weights and, in eval
@@ -9,17 +10,28 @@ mode, reads the embedded multi-domain VALIDATION blocks (all of them by default;
 an equal share per domain) with a `models.routing_probe.RoutingProbe` attached.
 
 Capacity convention (stated in report.json under "capacity"): OpenMoE's evaluation factor 2.0. Blocks that
-apply a capacity themselves report their real drops in eval mode (the `openmoe` model: C = ceil(2.0 * S * k
-/ E) per expert per sequence of S tokens, position order). For dropless blocks (Mixtral/Qwen2-MoE/OLMoE,
-AdaMoE without capacity) the probe computes the drops factor `capacity_factor` would cause over each forward
-batch of T tokens, C = ceil(cf * T * k / E), earlier positions first.
+apply a capacity themselves report their real drops in eval mode (the `openmoe` model: its `drop_order`, by
+default ColossalAI's over each forward batch). For dropless blocks (Mixtral/Qwen2-MoE/OLMoE, AdaMoE without
+capacity) the probe computes the drops factor `capacity_factor` would cause over each forward batch of T
+tokens, C = ceil(cf * T * k / E), earlier positions first. Separately, on every checkpoint's recorded routing,
+the drops each of the three drop orders (colossalai, slot_major, token_major; `models.routing_probe.capacity`)
+would make at `capacity_factor`.
 
-Writes <run_dir>/analysis/report.json: per checkpoint and MoE layer
-  specialisation: modal-expert share by token id / position / domain (+ the same statistic for uniformly
-    random routing of the same tokens), per-group std of expert-ratio vectors vs the uniform reference;
-  top tokens per expert (decoded); drop rate by position bucket, per assignment and per token; expert
-  co-activation P(b|a); load min/max/std and max/ideal; saturation = top-1 agreement and top-k overlap of
-  the checkpoint's routing with the FINAL checkpoint's on the same tokens.
+The OpenMoE paper's own quantities (the headline), at the MoE layer `layer` (default: the third MoE layer, or
+the last when there are fewer) and over token ids seen more than `spec_threshold` (128) times:
+  paper_specialisation (Figures 13-14): mean std of each token id's expert-ratio vector, of each position's,
+    and the same for uniform random routing of the same assignments (a perfectly uniform split gives 0);
+  early_routing (Figure 11): each frequent token id's expert distribution at every checkpoint against the
+    FINAL checkpoint's on the same tokens: mean total variation and Jensen-Shannon distance;
+  drop_rate_by_order: drop rate by position bucket under each drop order.
+
+Writes <run_dir>/analysis/report.json: per checkpoint and MoE layer the above plus
+  specialisation (an extra, OLMoE's measure): modal-expert share by token id / position / domain (+ the same
+    statistic for uniformly random routing of the same tokens), per-group std of expert-ratio vectors vs the
+    uniform reference (min_token_count);
+  top tokens per expert (decoded); drop rate by position bucket (the model's real drops), per assignment and
+  per token; expert co-activation P(b|a); load min/max/std and max/ideal; saturation = top-1 agreement and
+  top-k overlap of the checkpoint's routing with the FINAL checkpoint's on the same tokens.
 and PNG figures in <run_dir>/analysis/, logged (with the headline scalars) to the run's W&B run (same id,
 resumed; offline unless logged in; skipped with a warning when W&B is unavailable).
 """
@@ -52,6 +64,8 @@ class AnalyzeConfig:
     top_n: int = 10  # top tokens listed per expert
     wandb: bool = True
     seed: int = 0
+    layer: Optional[int] = None  # MoE layer (0-based among the MoE layers) of the paper quantities; None: 3rd or last
+    spec_threshold: int = 128  # paper quantities use token ids seen MORE than this many times
 
 
 class AnalysisError(ConfigError):
@@ -75,6 +89,10 @@ def parse_options(args: Sequence[str]) -> Dict[str, Any]:
             raise AnalysisError(f"option {key} must be >= 1, got {opts[key]}.")
     if opts["max_blocks"] < 0:
         raise AnalysisError(f"option max_blocks must be >= 0, got {opts['max_blocks']}.")
+    if opts["spec_threshold"] < 0:
+        raise AnalysisError(f"option spec_threshold must be >= 0, got {opts['spec_threshold']}.")
+    if opts["layer"] is not None and opts["layer"] < 0:
+        raise AnalysisError(f"option layer must be >= 0 or null, got {opts['layer']}.")
     if opts["capacity_factor"] is not None and opts["capacity_factor"] <= 0:
         raise AnalysisError(f"option capacity_factor must be > 0 or null, got {opts['capacity_factor']}.")
     return opts
@@ -177,8 +195,8 @@ def checkpoint_report(stats, tokenizer, opts: Dict[str, Any]) -> Dict[str, Dict[
     P(b|a), load statistics) plus the load shares overall and per domain."""
     from models import routing_probe as rp
 
-    layers = rp.analysis_report(stats, tokenizer, min_token_count=opts["min_token_count"],
-                                top_n=opts["top_n"])["layers"]
+    layers = rp.analysis_report(stats, tokenizer, min_token_count=opts["min_token_count"], top_n=opts["top_n"],
+                                spec_more_than=opts["spec_threshold"])["layers"]
     for layer in stats.layers:
         entry = layers[layer.name]
         entry["load_share"] = _f(layer.load / layer.load.sum().clamp_min(1))
@@ -241,11 +259,13 @@ def analyze(run_dir: Path | str, options: Optional[Sequence[str]] = None, progre
                             "Train with checkpoint.every_n_steps=<n> checkpoint.keep=-1 to keep every one.")
     dm = build_datamodule(cfg)
     model = prepared_model(cfg, dm, get_recipe(recipe))
+    probe = rp.RoutingProbe(model)
     try:
-        rp.RoutingProbe(model).attach().detach()
+        probe.attach().detach()
     except ValueError as e:
         raise AnalysisError(f"{run_dir} (recipe {recipe}, model.arch={cfg.model.arch}) "
                             f"is not an MoE run: {e}") from None
+    paper_layer = _paper_layer(probe.layers, opts["layer"])
 
     input_ids, domains = validation_blocks(dm, opts["max_blocks"], opts["seed"])
     vocab_size = int(model.get_input_embeddings().weight.shape[0])
@@ -254,6 +274,7 @@ def analyze(run_dir: Path | str, options: Optional[Sequence[str]] = None, progre
 
     per_ckpt: List[Dict[str, Any]] = []
     routed: List[List[torch.Tensor]] = []
+    token_counts: List[List[torch.Tensor]] = []  # per checkpoint and layer: counts_by_token [V, E]
     t0 = time.perf_counter()
     tokens = positions = None
     layers: List[str] = []
@@ -264,15 +285,26 @@ def analyze(run_dir: Path | str, options: Optional[Sequence[str]] = None, progre
         stats, layers, experts, tokens, positions = probe_checkpoint(model, input_ids, domains, dm.domain_names,
                                                                     opts, vocab_size)
         routed.append(experts)
-        per_ckpt.append({"step": int(step), "checkpoint": path.name,
-                         "layers": checkpoint_report(stats, dm.tokenizer, opts)})
+        token_counts.append([layer.counts_by_token.clone() for layer in stats.layers])
+        occurrences = stats.layers[0].tokens_by_token.clone()  # the same tokens at every checkpoint and layer
+        entry = {"step": int(step), "checkpoint": path.name, "layers": checkpoint_report(stats, dm.tokenizer, opts)}
+        if opts["capacity_factor"] is not None:
+            rows = torch.arange(input_ids.shape[0]).repeat_interleave(input_ids.shape[1])
+            for i, name in enumerate(layers):
+                entry["layers"][name]["drop_rate_by_order"] = _f(rp.drop_order_rates(
+                    experts[i].long(), positions, rows, stats.layers[i].num_experts, opts["capacity_factor"],
+                    rows_per_forward=opts["batch_size"], position_buckets=opts["position_buckets"],
+                    max_positions=int(input_ids.shape[1])))
+        per_ckpt.append(entry)
     elapsed = time.perf_counter() - t0
     n_tokens = int(input_ids.numel())
 
     final = routed[-1]
-    for entry, experts in zip(per_ckpt, routed):
+    for entry, experts, counts in zip(per_ckpt, routed, token_counts):
         for i, name in enumerate(layers):
             entry["layers"][name]["saturation_vs_final"] = _f(rp.router_saturation(experts[i].long(), final[i].long()))
+            entry["layers"][name]["early_routing_vs_final"] = _f(rp.distribution_distance(
+                counts[i], token_counts[-1][i], occurrences, min_count=opts["spec_threshold"] + 1))
 
     num_experts = int(per_ckpt[-1]["layers"][layers[0]]["coactivation"].__len__())
     top_k = int(final[0].shape[1])
@@ -286,10 +318,11 @@ def analyze(run_dir: Path | str, options: Optional[Sequence[str]] = None, progre
                  "tokens": n_tokens, "domains": list(dm.domain_names),
                  "blocks_per_domain": {n: int((domains == i).sum()) for i, n in enumerate(dm.domain_names)}},
         "options": opts, "layers": layers, "num_experts": num_experts, "top_k": top_k,
+        "paper_layer": paper_layer,
         "uniform_routing_specialisation": uniform,
         "saturation_chance": {"top1_agreement": 1.0 / num_experts, "topk_overlap": top_k / num_experts},
         "checkpoints": per_ckpt,
-        "summary": _summary(per_ckpt, layers, uniform),
+        "summary": _summary(per_ckpt, layers, uniform, paper_layer, opts["spec_threshold"]),
         "throughput": {"checkpoints": len(per_ckpt), "seconds": elapsed,
                        "tokens_per_s": n_tokens * len(per_ckpt) / max(elapsed, 1e-9)},
     }
@@ -302,6 +335,16 @@ def analyze(run_dir: Path | str, options: Optional[Sequence[str]] = None, progre
     return report
 
 
+def _paper_layer(layers: List[str], layer: Optional[int]) -> str:
+    """The MoE layer of the paper quantities: `layer` (0-based among the MoE layers), default the third MoE layer
+    (the OpenMoE paper's Figures 13-14) or the last one when the model has fewer."""
+    if layer is None:
+        return layers[min(2, len(layers) - 1)]
+    if layer >= len(layers):
+        raise AnalysisError(f"option layer={layer}, but the model has {len(layers)} MoE layers (0..{len(layers) - 1}).")
+    return layers[layer]
+
+
 def _capacity_statement(model: torch.nn.Module, opts: Dict[str, Any]) -> Dict[str, Any]:
     from models.moe import moe_blocks
 
@@ -311,10 +354,16 @@ def _capacity_statement(model: torch.nn.Module, opts: Dict[str, Any]) -> Dict[st
         b = own[0]
         cf = getattr(b, "eval_capacity_factor", b.capacity_factor)
         group = getattr(b, "capacity_group", "batch")
+        order = getattr(b, "drop_order", "token_major")
         unit = "S tokens of each sequence" if group == "sequence" else "T tokens of each forward batch"
+        rule = {"colossalai": f"C = floor(k * {cf} * n / E) rounded up to even, >= 4; every top-1 choice before "
+                              "any top-2 (ColossalAI)",
+                "slot_major": f"C = ceil({cf} * n * k / E); every top-1 choice before any top-2",
+                "token_major": f"C = ceil({cf} * n * k / E); position order (position, then slot)"}[order]
         return {"source": "the model's own capacity in eval mode", "capacity_factor": cf, "group": group,
-                "formula": f"C = ceil({cf} * n * k / E) per expert, n = the {unit}; position order "
-                           "(position, then slot); a token counts as dropped when all its k assignments are"}
+                "drop_order": order,
+                "formula": f"{rule}; per expert, n = the {unit}; a token counts as dropped when all its k "
+                           "assignments are"}
     cf = opts["capacity_factor"]
     if cf is None:
         return {"source": "dropless model, no capacity_factor given: no drops", "capacity_factor": None}
@@ -324,18 +373,39 @@ def _capacity_statement(model: torch.nn.Module, opts: Dict[str, Any]) -> Dict[st
                        "position priority (position, then batch row, then slot)"}
 
 
-def _summary(per_ckpt: List[Dict[str, Any]], layers: List[str], uniform: Dict[str, float]) -> Dict[str, Any]:
+def _summary(per_ckpt: List[Dict[str, Any]], layers: List[str], uniform: Dict[str, float], paper_layer: str,
+             spec_threshold: int) -> Dict[str, Any]:
     def mean(values):
         vals = [v for v in values if v is not None]
         return sum(vals) / len(vals) if vals else None
 
     final = per_ckpt[-1]["layers"]
+    paper = final[paper_layer]["paper_specialisation"]
+    if not paper["token_id"]["n_groups"]:
+        warnings.warn(f"no token id was seen more than spec_threshold={spec_threshold} times: the paper's "
+                      "specialisation by token id is undefined (lower spec_threshold or use more blocks)")
+    by_order = final[paper_layer].get("drop_rate_by_order", {})
     spec = {g: mean(final[n]["specialisation"].get(g) for n in layers) for g in ("token_id", "position", "domain")}
     drop = {n: final[n]["drop_rate_by_position"] for n in layers}
     first_bucket = mean(d["per_assignment"][0] for d in drop.values())
     last_bucket = mean(d["per_assignment"][-1] for d in drop.values())
     return {
         "final_step": per_ckpt[-1]["step"],
+        "paper_layer": paper_layer,
+        "paper_specialisation": {
+            "token_id_std": paper["token_id"]["mean_std"], "token_id_uniform_std": paper["token_id"]["uniform_std"],
+            "token_ids": paper["token_id"]["n_groups"], "more_than": spec_threshold,
+            "position_std": paper["position"]["mean_std"], "position_uniform_std": paper["position"]["uniform_std"],
+            "positions": paper["position"]["n_groups"]},
+        "early_routing_tv_by_step": {str(c["step"]): c["layers"][paper_layer]["early_routing_vs_final"]["mean_tv"]
+                                     for c in per_ckpt},
+        "early_routing_js_by_step": {str(c["step"]): c["layers"][paper_layer]["early_routing_vs_final"]["mean_js"]
+                                     for c in per_ckpt},
+        "early_routing_token_ids": per_ckpt[0]["layers"][paper_layer]["early_routing_vs_final"]["n_groups"],
+        "drop_rate_by_order_last_bucket": {o: v["per_assignment"][-1] for o, v in by_order.items()
+                                           if isinstance(v, dict)},
+        "drop_rate_by_order_overall": {o: v["overall_per_assignment"] for o, v in by_order.items()
+                                       if isinstance(v, dict)},
         "specialisation_final": spec,
         "specialisation_uniform": uniform,
         "saturation_top1_by_step": {str(c["step"]): mean(c["layers"][n]["saturation_vs_final"]["top1_agreement"]
@@ -411,16 +481,87 @@ def write_figures(report: Dict[str, Any], out_dir: Path) -> Dict[str, Path]:
                                 reference={"uniform routing, token id": uniform.get("token_id", 0.0),
                                            "uniform routing, position": uniform.get("position", 0.0)}),
         out_dir / "specialisation_over_steps.png")
+    paths.update(_paper_figures(report, out_dir))
+    return paths
+
+
+def _paper_figures(report: Dict[str, Any], out_dir: Path) -> Dict[str, Path]:
+    """The OpenMoE paper's quantities: std of expert ratios by token id / position vs uniform at the paper layer
+    (Figures 13-14), each frequent id's expert distribution vs the final checkpoint (Figure 11), and the drop rate
+    by position under each drop order."""
+    from models.routing_probe import plots
+
+    layers, layer = report["layers"], report["paper_layer"]
+    name = plots.short_layer_name(layer)
+    final = report["checkpoints"][-1]
+    steps = [c["step"] for c in report["checkpoints"]]
+    more = report["options"]["spec_threshold"]
+    paper = final["layers"][layer]["paper_specialisation"]
+    paths: Dict[str, Path] = {}
+    values = {f"token id (> {more} occurrences, {paper['token_id']['n_groups']} ids)": [paper["token_id"]["mean_std"]],
+              f"position ({paper['position']['n_groups']})": [paper["position"]["mean_std"]]}
+    ref = {k: [v] for k, v in zip(values, (paper["token_id"]["uniform_std"], paper["position"]["uniform_std"]))}
+    clean = {k: [x if x is not None else 0.0 for x in v] for k, v in values.items()}
+    clean_ref = {k: [x if x is not None else 0.0 for x in v] for k, v in ref.items()}
+    paths["paper_specialisation"] = plots.save_png(
+        plots.std_vs_uniform_bars(clean, clean_ref, [name], title=f"Expert-ratio std, {name}, step {final['step']}"),
+        out_dir / "paper_specialisation.png")
+    tv = {plots.short_layer_name(n): [c["layers"][n]["early_routing_vs_final"]["mean_tv"] or 0.0
+                                      for c in report["checkpoints"]] for n in layers}
+    js = {f"{plots.short_layer_name(n)} JS": [c["layers"][n]["early_routing_vs_final"]["mean_js"] or 0.0
+                                              for c in report["checkpoints"]] for n in layers}
+    paths["early_routing"] = plots.save_png(
+        plots.metric_over_steps(steps, {**{f"{k} TV": v for k, v in tv.items()}, **js},
+                                "distance to the final checkpoint", f"Token ids seen > {more} times: expert "
+                                "distribution vs final"),
+        out_dir / "early_routing.png")
+    by_order = final["layers"][layer].get("drop_rate_by_order")
+    if by_order:
+        curves = {order: {**v, "bucket_edges": by_order["bucket_edges"]} for order, v in by_order.items()
+                  if isinstance(v, dict)}
+        cf = report["options"]["capacity_factor"]
+        paths["drop_rate_by_order"] = plots.save_png(
+            plots.drop_rate_plot(curves, title=f"Drop rate by position under each drop order (cf {cf}), {name}, "
+                                               f"step {final['step']}"),
+            out_dir / "drop_rate_by_order.png")
     return paths
 
 
 # ----------------------------------------------------------------------------------------- W&B
 
 
-def log_to_wandb(run_dir: Path, cfg, report: Dict[str, Any], paths: Dict[str, Path]) -> bool:
-    """Log figures and headline scalars into the run's own W&B run (resumed by id). Never raises."""
-    from recipes.engine.logs import wandb_mode
+def analyze_wandb_id(run_dir: Path) -> str:
+    """The W&B run id of a run's analysis: `<training run's id>-analyze` (a run of its own, not a segment of the
+    training run, so the training run's history stays one monotonic curve)."""
     from recipes.engine.runs import wandb_id_for
+
+    return f"{wandb_id_for(run_dir)[:56]}-analyze"
+
+
+def analysis_wandb_run(run_dir: Path, cfg, report: Dict[str, Any], mode: str):
+    """Start (or resume) the analysis' OWN W&B run: id `<training run id>-analyze`, group = the training run's
+    group or its id, job_type analyze, files under <run_dir>/analysis/wandb. Returns the wandb Run."""
+    import wandb
+    from recipes.engine.logs import wandb_settings
+    from recipes.engine.runs import wandb_id_for
+
+    train_id = wandb_id_for(run_dir)
+    out_dir = Path(run_dir) / "analysis"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=cfg.logging.project, entity=cfg.logging.entity, id=analyze_wandb_id(run_dir),
+                      name=f"{Path(run_dir).parent.name}/{Path(run_dir).name}/analyze",
+                      group=cfg.logging.group or train_id, job_type="analyze",
+                      tags=list(cfg.logging.tags) + ["analyze"],
+                      config={"analyze": report.get("options", {}), "train_run_id": train_id,
+                              "recipe": report.get("recipe")},
+                      resume="allow", dir=str(out_dir), mode=mode, reinit="finish_previous",
+                      settings=wandb_settings(mode))
+
+
+def log_to_wandb(run_dir: Path, cfg, report: Dict[str, Any], paths: Dict[str, Path]) -> bool:
+    """Log figures and headline scalars to the analysis' own W&B run (analysis_wandb_run: not a segment of the
+    training run; a second `make analyze` resumes it). Never raises."""
+    from recipes.engine.logs import wandb_mode
 
     mode = wandb_mode(cfg.logging.wandb)
     if mode is None:
@@ -428,15 +569,23 @@ def log_to_wandb(run_dir: Path, cfg, report: Dict[str, Any], paths: Dict[str, Pa
     try:
         import wandb
 
-        run = wandb.init(project=cfg.logging.project, entity=cfg.logging.entity, id=wandb_id_for(run_dir),
-                         resume="allow", dir=str(run_dir), mode=mode, reinit="finish_previous",
-                         settings=wandb.Settings(init_timeout=60, silent=True, console="off"))
+        run = analysis_wandb_run(run_dir, cfg, report, mode)
         try:
             summary = report["summary"]
             payload: Dict[str, Any] = {f"analysis/{k}": wandb.Image(str(v)) for k, v in paths.items()}
             for g, v in summary["specialisation_final"].items():
                 if v is not None:
                     payload[f"analysis/specialisation_{g}"] = v
+            paper = summary["paper_specialisation"]
+            for key in ("token_id_std", "token_id_uniform_std", "position_std"):
+                if paper[key] is not None:
+                    payload[f"analysis/paper_{key}"] = paper[key]
+            first_tv = next(iter(summary["early_routing_tv_by_step"].values()), None)
+            if first_tv is not None:
+                payload["analysis/early_routing_tv_first_checkpoint"] = first_tv
+            for order, value in summary["drop_rate_by_order_last_bucket"].items():
+                if value is not None:
+                    payload[f"analysis/drop_rate_last_bucket_{order}"] = value
             payload["analysis/drop_rate_first_bucket"] = summary["drop_rate_first_bucket"]
             payload["analysis/drop_rate_last_bucket"] = summary["drop_rate_last_bucket"]
             rows = [[int(s), summary["saturation_top1_by_step"][s], summary["saturation_topk_by_step"][s]]
@@ -465,7 +614,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = report["summary"]
-    print(json.dumps(_f({"specialisation_final": s["specialisation_final"],
+    print(json.dumps(_f({"paper_layer": s["paper_layer"], "paper_specialisation": s["paper_specialisation"],
+                         "early_routing_tv_by_step": s["early_routing_tv_by_step"],
+                         "drop_rate_by_order_last_bucket": s["drop_rate_by_order_last_bucket"],
+                         "specialisation_final": s["specialisation_final"],
                          "specialisation_uniform": s["specialisation_uniform"],
                          "saturation_top1_by_step": s["saturation_top1_by_step"],
                          "drop_rate_first_bucket": s["drop_rate_first_bucket"],

@@ -35,6 +35,18 @@ def check_config(cfg) -> None:
     c = cfg.openmoe
     if c.lb_coef < 0 or c.z_coef < 0:
         raise ConfigError(f"openmoe.lb_coef and openmoe.z_coef must be >= 0, got {c.lb_coef}, {c.z_coef}.")
+    if cfg.model.arch == "openmoe" and not cfg.model.pretrained:
+        # model.overrides.* (drop_order, capacity_group, capacity factors, ...) checked now, not at model build
+        from omegaconf import OmegaConf
+
+        from models.openmoe import OPENMOE_SIZES, OpenMoEConfig
+
+        if cfg.model.size in OPENMOE_SIZES:
+            overrides = OmegaConf.to_container(cfg.model.overrides) if cfg.model.overrides else {}
+            try:
+                OpenMoEConfig.from_dict({**OPENMOE_SIZES[cfg.model.size], **overrides})
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"model.overrides: {e}.") from None
 
 
 def prepare_model(cfg, model: torch.nn.Module, datamodule=None) -> torch.nn.Module:

@@ -1,14 +1,15 @@
 """TokenFormer progressive scaling: grow a trained TokenFormer run and train on.
 
-    python -m recipes train tokenformer_grow tokenformer_grow.from_run=<run_dir> \
-        tokenformer_grow.qkv_tokens=64 tokenformer_grow.ffn_tokens=256
+    python -m recipes train tokenformer_grow tokenformer_grow.from_run=<run_dir>      # 2x the source's tokens
+    python -m recipes train tokenformer_grow tokenformer_grow.from_run=<run_dir> tokenformer_grow.init=released
 
 1. The source run (recipe `tokenformer`, or an earlier `tokenformer_grow` run) is read from its run
    directory: its config.yaml says which TokenFormer it trained, its newest checkpoint (last.ckpt, or any
    kind `recipes.engine.export` can consolidate) holds the weights. A run of another architecture, or a
    checkpoint whose tensors do not match the sizes its run claims, is refused with a message that says
    what the checkpoint holds.
-2. `grow_parameter_tokens` appends parameter tokens (old rows copied bitwise) with `init` / `tau`.
+2. `grow_parameter_tokens` appends parameter tokens (old rows copied bitwise) with `init` / `tau`, up to
+   `qkv_tokens` / `ffn_tokens`, or `grow_factor` times the source's counts where those are 0 (the default).
 3. The validation loss on the first `eval_batches` validation batches is measured just before and just
    after growth (logged at step 0 as grow/val_loss_before, grow/val_loss_after, and in summary.json).
 4. Standard training continues with a FRESH optimizer and LR schedule (optim.*, trainer.max_steps of this
@@ -32,30 +33,54 @@ SOURCE_RECIPES = ("tokenformer", "tokenformer_grow")
 CONFIG_KEY = "tokenformer_config"  # this recipe's checkpoints carry the grown model's config under it
 
 
+# The tau each init takes when tokenformer_grow.tau is not set: zero_key keeps the pre-growth tau (the growth
+# is then function-preserving); random and released (the official growth) set tau = sqrt(new n).
+DEFAULT_TAU = {"zero_key": "frozen", "random": "auto", "released": "auto"}
+
+
 @dataclass
 class TokenFormerGrowConfig:
     from_run: Optional[str] = None  # run directory of a finished tokenformer / tokenformer_grow run
-    qkv_tokens: int = 0  # new parameter-token count of the Q, K, V and output Pattentions (0 = unchanged)
-    ffn_tokens: int = 0  # new parameter-token count of the FFN Pattention (0 = unchanged)
-    init: str = "zero_key"  # zero_key (zero keys, random values) | random (released code)
-    tau: str = "frozen"  # frozen (keep the pre-growth tau: with zero_key, function-preserving) | auto (sqrt(n))
+    qkv_tokens: int = 0  # new token count of the Q, K, V and output Pattentions (0 = grow_factor x the source's)
+    ffn_tokens: int = 0  # new token count of the FFN Pattention (0 = grow_factor x the source's)
+    grow_factor: float = 2.0  # the growth of a count left at 0 (rounded to a whole number of tokens)
+    init: str = "zero_key"  # zero_key (zero keys, random values) | random | released (the official growth)
+    tau: Optional[str] = None  # frozen (keep the pre-growth tau) | auto (sqrt(new n)); None: the init's own
     eval_batches: int = 8  # validation batches for the loss just before / just after growth
     seed: Optional[int] = None  # seed of the new tokens' random init (default: run.seed)
 
 
+def resolved_tau(g) -> str:
+    """The tau of a growth: tokenformer_grow.tau, or the init's own (DEFAULT_TAU) when it is not set."""
+    return g.tau if g.tau is not None else DEFAULT_TAU[g.init]
+
+
 def check_config(cfg) -> None:
+    import math
+
     from models.tokenformer import NEW_TOKEN_INITS, TAU_MODES
 
     g = cfg.tokenformer_grow
     if g.init not in NEW_TOKEN_INITS:
         raise ConfigError(f"tokenformer_grow.init must be one of {', '.join(NEW_TOKEN_INITS)}; got '{g.init}' "
                           "(zero keys AND zero values would leave the new tokens untrainable).")
-    if g.tau not in TAU_MODES:
-        raise ConfigError(f"tokenformer_grow.tau must be one of {', '.join(TAU_MODES)}; got '{g.tau}'.")
+    if g.tau is not None and g.tau not in TAU_MODES:
+        raise ConfigError(f"tokenformer_grow.tau must be one of {', '.join(TAU_MODES)} or null; got '{g.tau}'.")
+    if g.init == "released" and resolved_tau(g) != "auto":
+        raise ConfigError("tokenformer_grow.init=released is the official growth, which sets tau = sqrt(new n): "
+                          f"leave tokenformer_grow.tau unset or auto (got '{g.tau}'), or use init=random.")
     if g.eval_batches < 1:
         raise ConfigError(f"tokenformer_grow.eval_batches must be >= 1, got {g.eval_batches}.")
     if g.qkv_tokens < 0 or g.ffn_tokens < 0:
         raise ConfigError(f"tokenformer_grow.qkv_tokens / ffn_tokens must be >= 0, got {g.qkv_tokens}, {g.ffn_tokens}.")
+    if not (math.isfinite(g.grow_factor) and g.grow_factor >= 1.0):
+        raise ConfigError(f"tokenformer_grow.grow_factor must be a finite number >= 1, got {g.grow_factor}.")
+
+
+def growth_targets(g, old) -> Dict[str, int]:
+    """The grown counts: tokenformer_grow.qkv_tokens / ffn_tokens, or grow_factor x the source's where 0."""
+    return {name: int(getattr(g, name)) or int(round(g.grow_factor * getattr(old, name)))
+            for name in ("qkv_tokens", "ffn_tokens")}
 
 
 # ------------------------------------------------------------------------------------------ the source run
@@ -115,11 +140,15 @@ def load_source_run(run_dir: str | Path):
     saved = load_run_config(run_dir)
     recipe = saved.get("run", {}).get("name")
     arch = saved.get("model", {}).get("arch")
-    if recipe not in SOURCE_RECIPES or arch != "tokenformer":
+    from recipes.engine.recipe import REGISTRY, load_all
+
+    load_all()
+    method = REGISTRY[recipe].method if recipe in REGISTRY else None
+    if (recipe not in SOURCE_RECIPES and method != "tokenformer") or arch != "tokenformer":
         raise ConfigError(
             f"tokenformer_grow.from_run={run_dir} is a run of recipe '{recipe}' with model.arch={arch} "
             f"(size {saved.get('model', {}).get('size')}); only TokenFormer runs (recipes "
-            f"{', '.join(SOURCE_RECIPES)}) can be grown."
+            f"{', '.join(SOURCE_RECIPES)} and the paper-scale TokenFormer recipes) can be grown."
         )
     found = newest_checkpoint(run_dir)
     if found is None:
@@ -204,19 +233,19 @@ def grow_source_run(cfg, dm):
     if cfg.data.block_size > old.max_seq_len:
         raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the source model's max_seq_len="
                           f"{old.max_seq_len}.")
-    targets = {"qkv_tokens": g.qkv_tokens or old.qkv_tokens, "ffn_tokens": g.ffn_tokens or old.ffn_tokens}
+    targets = growth_targets(g, old)
     for name, target in targets.items():
         if target < getattr(old, name):
             raise ConfigError(f"tokenformer_grow.{name}={target} is smaller than the {getattr(old, name)} the "
                               f"source checkpoint holds ({_describe(old)}); growth only appends tokens.")
     if targets == {"qkv_tokens": old.qkv_tokens, "ffn_tokens": old.ffn_tokens}:
         raise ConfigError(f"tokenformer_grow.qkv_tokens / ffn_tokens equal the source's sizes ({_describe(old)}): "
-                          "nothing to grow; set at least one larger count.")
+                          f"nothing to grow (grow_factor={g.grow_factor}); set a larger count or grow_factor.")
     params_before = model.num_parameters()
     loss_before = validation_loss(model, dm, g.eval_batches)
     seed = cfg.run.seed if g.seed is None else g.seed
-    grow_parameter_tokens(model, targets, init=g.init, tau=g.tau,
-                          generator=torch.Generator().manual_seed(int(seed)))
+    tau = resolved_tau(g)
+    grow_parameter_tokens(model, targets, init=g.init, tau=tau, generator=torch.Generator().manual_seed(int(seed)))
     loss_after = validation_loss(model, dm, g.eval_batches)
     record = {
         "grow/val_loss_before": loss_before, "grow/val_loss_after": loss_after,
@@ -224,7 +253,7 @@ def grow_source_run(cfg, dm):
         "grow/to_qkv_tokens": targets["qkv_tokens"], "grow/to_ffn_tokens": targets["ffn_tokens"],
         "grow/params_before": params_before, "grow/params_after": model.num_parameters(),
         "grow/source_step": source["step"], "grow/source_tokens_seen": source["tokens_seen"],
-        "grow/source_checkpoint": source["checkpoint"], "grow/init": g.init, "grow/tau": g.tau,
+        "grow/source_checkpoint": source["checkpoint"], "grow/init": g.init, "grow/tau": tau,
     }
     return model, record
 

@@ -9,6 +9,7 @@ Twin-Merging (shared expert + exclusive experts, mixed per sample by the router)
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -137,12 +138,9 @@ def evaluate_methods(cfg, run_dir: Path, progress: bool = False,
     """Test losses of every method, from the stages' outputs in `run_dir` (base/hf, ft_<domain>/hf, experts/,
     router): {"test_loss": {method: {domain: loss}}, "router_test_acc": ...}."""
     from models.factory import load_pretrained
-    from models.merging import merge_state_dicts
-    from models.twin import attach_lowrank_experts, load_experts, set_routing_weights
+    from models.twin import set_routing_weights
     from recipes.engine.build import build_datamodule
-    from recipes.engine.runs import load_safetensors
 
-    from .experts import finetuned_state
     from .router import features, load_router
 
     tc = cfg.twin
@@ -162,24 +160,13 @@ def evaluate_methods(cfg, run_dir: Path, progress: bool = False,
     log(f"evaluate: {len(domains)} domains, at most {nb} batches of {EVAL_BATCH} test blocks each")
     table: Dict[str, Dict[str, float]] = {}
     base_model = load_pretrained(str(base_hf)).eval()
-    base_sd = {k: v.clone() for k, v in base_model.state_dict().items()}
     run("base", base_model)
-    tuned = [finetuned_state(tc.finetune, base_hf, run_dir / f"ft_{d}" / "hf")[0] for d in domains]
-    for d, sd in zip(domains, tuned):
-        m = load_pretrained(str(base_hf)).eval()
-        m.load_state_dict(sd)
+    models = merged_models(cfg, run_dir, lambda: load_pretrained(str(base_hf)).eval())
+    for d, m in zip(domains, models.pop("finetuned")):
         run(f"finetuned_{d}", m)
-    for name, kw in [("task_arithmetic", {"lam": tc.lam}), ("ties", {"density": tc.ties_density})]:
-        m = load_pretrained(str(base_hf)).eval()
-        m.load_state_dict(merge_state_dicts(name, base_sd, tuned, **kw))
-        run(name, m)
-    del tuned
-
-    shared = load_safetensors(run_dir / "experts" / "shared.safetensors")
-    experts = load_experts(str(run_dir / "experts" / "experts.safetensors"))
-    shared_model = load_pretrained(str(base_hf)).eval()
-    shared_model.load_state_dict(shared)
-    twin = attach_lowrank_experts(load_pretrained(str(base_hf)).eval(), shared, experts)
+    for name in ("task_arithmetic", "ties"):
+        run(name, models.pop(name))
+    twin, shared_model = models["twin_merging"], models["shared"]
     router, router_meta = load_router(run_dir)
     prefix = int(router_meta.get("prefix_len", 0))
     hits = {"correct": 0, "total": 0}
@@ -195,3 +182,74 @@ def evaluate_methods(cfg, run_dir: Path, progress: bool = False,
     acc = hits["correct"] / max(1, hits["total"])
     log(f"evaluate: router accuracy on the test blocks {acc:.3f}")
     return {"test_loss": table, "router_test_acc": acc}
+
+
+def merged_models(cfg, run_dir: Path, fresh: Callable[[], torch.nn.Module]) -> Dict[str, Any]:
+    """The models the evaluation compares, from the stages' outputs in `run_dir`: "finetuned" (one per domain),
+    "task_arithmetic" (twin.lam) and "ties" (twin.ties_density) with the tensors of twin.shared_exclude at the
+    base, "shared" (the shared expert) and "twin_merging" (shared + experts attached, routed per sample).
+    Under twin.finetune=lora with twin.lora_merge=factorwise, TA and TIES merge the adapters' A and B
+    separately, as the official code does, and the experts are factor-wise. `fresh()` builds a base model."""
+    from models.merging import merge_state_dicts
+    from models.twin import (
+        attach_lora_factor_experts,
+        attach_lowrank_experts,
+        load_experts,
+        lora_dense_state,
+        merge_lora_factors,
+    )
+    from recipes.engine.runs import load_safetensors
+
+    from .config import resolved
+    from .experts import (
+        classifier_keys,
+        excluded_keys,
+        finetuned_lora_factors,
+        finetuned_state,
+        load_shared_lora,
+        shared_lora_factors,
+    )
+
+    tc = cfg.twin
+    eff = resolved(tc)
+    run_dir = Path(run_dir)
+    domains = list(cfg.data.domains)
+    base_hf = run_dir / "base" / "hf"
+    base_model = fresh()
+    base_sd = {k: v.clone() for k, v in base_model.state_dict().items()}
+    exclude = excluded_keys(list(base_sd), eff["shared_exclude"], classifier_keys(base_model))
+    factorwise = tc.finetune == "lora" and eff["lora_merge"] == "factorwise"
+
+    def load(sd):
+        m = fresh()
+        m.load_state_dict(sd)
+        return m
+
+    out: Dict[str, Any] = {}
+    if factorwise:
+        loaded = [finetuned_lora_factors(base_hf, run_dir / f"ft_{d}" / "hf") for d in domains]
+        factors, scaling = [f for f, _ in loaded], loaded[0][1]
+        out["finetuned"] = [load(lora_dense_state(base_sd, f, scaling)) for f in factors]
+        out["task_arithmetic"] = load(lora_dense_state(base_sd, shared_lora_factors(factors, eff["lam"], exclude),
+                                                       scaling))
+        ties = merge_lora_factors("ties", factors, density=tc.ties_density)
+        for key in set(exclude) & set(ties):
+            ties[key] = tuple(torch.zeros_like(x) for x in ties[key])
+        out["ties"] = load(lora_dense_state(base_sd, ties, scaling))
+    else:
+        tuned = [finetuned_state(tc.finetune, base_hf, run_dir / f"ft_{d}" / "hf")[0] for d in domains]
+        out["finetuned"] = [load(sd) for sd in tuned]
+        out["task_arithmetic"] = load(merge_state_dicts("task_arithmetic", base_sd, tuned, lam=eff["lam"],
+                                                        exclude=exclude))
+        out["ties"] = load(merge_state_dicts("ties", base_sd, tuned, density=tc.ties_density, exclude=exclude))
+        del tuned
+    shared = load_safetensors(run_dir / "experts" / "shared.safetensors")
+    experts = load_experts(str(run_dir / "experts" / "experts.safetensors"))
+    out["shared"] = load(shared)
+    if factorwise:
+        info = json.loads((run_dir / "experts" / "experts.json").read_text())
+        out["twin_merging"] = attach_lora_factor_experts(fresh(), base_sd, load_shared_lora(run_dir / "experts"),
+                                                         experts, info["scaling"])
+    else:
+        out["twin_merging"] = attach_lowrank_experts(fresh(), shared, experts)
+    return out

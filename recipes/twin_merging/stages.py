@@ -38,7 +38,7 @@ from recipes.engine.errors import ConfigError
 from recipes.engine.pipeline import Stage, fingerprint, sub_run_config
 from recipes.engine.runs import write_json_atomic
 
-from .config import check_twin, svd_rank
+from .config import check_twin, resolved, svd_rank
 
 STAMP_FILE = "twin_stamp.json"  # in a training stage's directory: the stamp of the settings it trains with
 ALL_DATA_KEYS = tuple(f.name for f in fields(DataConfig))
@@ -46,8 +46,10 @@ ALL_DATA_KEYS = tuple(f.name for f in fields(DataConfig))
 CONTENT_DATA_KEYS = tuple(k for k in ALL_DATA_KEYS if k not in ("cache_dir", "num_workers", "val_batch_size"))
 BASE_KEYS = ("model.arch", "model.size", "model.overrides", "run.seed", "optim", "trainer.precision",
              "trainer.accumulate_grad_batches", *(f"data.{k}" for k in CONTENT_DATA_KEYS), "twin.base_steps")
-EXPERTS_KEYS = ("twin.lam", "twin.rank")
-ROUTER_KEYS = ("twin.router_epochs", "twin.router_prefix_len")
+EXPERTS_KEYS = ("twin.protocol", "twin.lam", "twin.rank", "twin.rank_rounding", "twin.shared_exclude",
+                "twin.lora_merge")
+ROUTER_KEYS = ("twin.protocol", "twin.router", "twin.router_width", "twin.router_epochs", "twin.router_lr",
+               "twin.router_train_blocks", "twin.router_prefix_len")
 EVALUATE_KEYS = ("twin.eval_batches", "twin.ties_density")
 FINETUNE_WARMUP_STEPS = 5
 
@@ -189,17 +191,30 @@ def finetune_stage(cfg, run_dir: Path, results: Dict[str, Any], *, domain: str) 
 
 
 # ------------------------------------------------------------------------------------ experts, router
+def factorwise(cfg) -> bool:
+    """LoRA fine-tunes merged factor by factor (twin.finetune=lora with twin.lora_merge=factorwise)."""
+    return cfg.twin.finetune == "lora" and resolved(cfg.twin)["lora_merge"] == "factorwise"
+
+
 def experts_stage(cfg, run_dir: Path, results: Dict[str, Any]) -> Dict[str, Any]:
     from models.factory import load_pretrained
 
-    from .experts import build_experts, finetuned_state
+    from .experts import (
+        build_experts,
+        build_lora_factor_experts,
+        classifier_keys,
+        excluded_keys,
+        finetuned_lora_factors,
+        finetuned_state,
+    )
 
     tc = cfg.twin
+    eff = resolved(tc)
     run_dir = Path(run_dir)
     exp_dir = run_dir / "experts"
     domains = list(cfg.data.domains)
     current = stamp(cfg, "experts")
-    wanted = {"domains": domains, "finetune": tc.finetune, "lam": tc.lam, "rank": svd_rank(tc)}
+    wanted = {"domains": domains, "finetune": tc.finetune, "lam": eff["lam"], "rank": svd_rank(tc)}
     info = _read_json(exp_dir / "experts.json")
     files = all((exp_dir / f).exists() for f in ("shared.safetensors", "experts.safetensors"))
     if info is not None and files and (info.get("stamp") == current or
@@ -210,12 +225,22 @@ def experts_stage(cfg, run_dir: Path, results: Dict[str, Any]) -> Dict[str, Any]
             write_json_atomic(exp_dir / "experts.json", info)
     else:
         base_hf = run_dir / "base" / "hf"
-        say(cfg, f"experts: shared expert (lambda {tc.lam}) and {len(domains)} exclusive experts at SVD rank "
-            f"{svd_rank(tc)} from the {tc.finetune} fine-tunes")
-        base_sd = {k: v.clone() for k, v in load_pretrained(str(base_hf)).eval().state_dict().items()}
-        loaded = [finetuned_state(tc.finetune, base_hf, run_dir / f"ft_{d}" / "hf") for d in domains]
-        info = build_experts(exp_dir, base_sd, [sd for sd, _ in loaded], loaded[0][1], tc.lam, svd_rank(tc),
-                             dict(wanted, stamp=current))
+        say(cfg, f"experts: shared expert (lambda {eff['lam']}, protocol {tc.protocol}) and {len(domains)} exclusive "
+            f"experts at SVD rank {svd_rank(tc)} ({eff['rank_rounding']}) from the {tc.finetune} fine-tunes")
+        base_model = load_pretrained(str(base_hf)).eval()
+        base_sd = {k: v.clone() for k, v in base_model.state_dict().items()}
+        exclude = excluded_keys(list(base_sd), eff["shared_exclude"], classifier_keys(base_model))
+        if exclude:
+            say(cfg, f"experts: kept at the base in the shared expert: {', '.join(exclude)}")
+        common = dict(rounding=eff["rank_rounding"], exclude=exclude)
+        if factorwise(cfg):
+            loaded = [finetuned_lora_factors(base_hf, run_dir / f"ft_{d}" / "hf") for d in domains]
+            info = build_lora_factor_experts(exp_dir, base_sd, [f for f, _ in loaded], loaded[0][1], eff["lam"],
+                                             svd_rank(tc), dict(wanted, stamp=current), **common)
+        else:
+            loaded = [finetuned_state(tc.finetune, base_hf, run_dir / f"ft_{d}" / "hf") for d in domains]
+            info = build_experts(exp_dir, base_sd, [sd for sd, _ in loaded], loaded[0][1], eff["lam"], svd_rank(tc),
+                                 dict(wanted, stamp=current), **common)
         say(cfg, f"experts: {info['factored_bytes'] / 2**20:.2f} MB of factors vs {info['dense_bytes'] / 2**20:.2f} "
             f"MB dense, built in {info['build_seconds']:.1f} s")
     return {"expert_storage_bytes": info["factored_bytes"], "dense_task_vector_bytes": info["dense_bytes"],
@@ -243,14 +268,18 @@ def router_stage(cfg, run_dir: Path, results: Dict[str, Any]) -> Dict[str, Any]:
             meta["stamp"] = current
             write_json_atomic(run_dir / "router.json", meta)
     else:
-        say(cfg, f"router: training for {tc.router_epochs} epochs on the shared model's hidden states")
+        eff = resolved(tc)
+        say(cfg, f"router: the {eff['router']} router, {eff['router_epochs']} epochs on the shared model's hidden "
+            "states")
         dm = build_datamodule(cfg)
         dm.setup("fit")
         # dataset domain indices follow dm.domain_names; experts and router outputs follow `domains`
         to_task = [domains.index(name) for name in dm.domain_names]
         shared_model = load_pretrained(str(run_dir / "base" / "hf")).eval()
         shared_model.load_state_dict(load_safetensors(run_dir / "experts" / "shared.safetensors"))
-        state, meta = train_router(shared_model, dm, domains, to_task, epochs=int(tc.router_epochs),
+        state, meta = train_router(shared_model, dm, domains, to_task, arch=eff["router"],
+                                   width=int(eff["router_width"]), epochs=int(eff["router_epochs"]),
+                                   lr=float(eff["router_lr"]), train_blocks=int(eff["router_train_blocks"]),
                                    prefix_len=prefix, seed=int(cfg.run.seed),
                                    progress=bool(cfg.trainer.progress_bar), log=lambda m: say(cfg, m))
         meta["stamp"] = current
@@ -270,7 +299,8 @@ def evaluate_stage(cfg, run_dir: Path, results: Dict[str, Any]) -> Dict[str, Any
     table = out["test_loss"]
     normalised = normalised_scores(table, domains)
     own: Dict[str, Any] = {"recipe": cfg.run.name, "run_dir": str(run_dir), "domains": domains,
-                           "finetune": cfg.twin.finetune, "test_loss": table, "normalised_score": normalised,
+                           "finetune": cfg.twin.finetune, "protocol": cfg.twin.protocol,
+                           "test_loss": table, "normalised_score": normalised,
                            "router_test_acc": out["router_test_acc"]}
     own.update({f"twin/normalised_mean/{m}": v["mean"] for m, v in normalised.items()})
     figure = plot_scores({m: normalised[m] for m in ["task_arithmetic", "ties", "twin_merging"]}, domains,
