@@ -125,6 +125,7 @@ def test_signal_checkpoints_at_next_step_and_resumes_exactly(tmp_path, data_cach
     assert [s["step"] for s in segs] == [0, step] and segs[1]["resumed_from"].endswith("last.ckpt")
 
 
+@pytest.mark.slow  # long steps on purpose (about 3 minutes on 2 cores)
 def test_second_ctrl_c_stops_at_once_and_leaves_nothing_torn(tmp_path, data_cache):
     # long steps (a large batch), so that the second Ctrl-C comes before the step boundary
     proc = _start(tmp_path, data_cache, _env(), "run.run_id=c", "checkpoint.every_n_steps=2", "data.batch_size=96",
