@@ -60,7 +60,7 @@ _DCP_SAFE_GLOBALS = {("torch", "Size"), ("torch", "float32"), ("torch", "bfloat1
                      ("builtins", "slice"), ("torch._utils", "_rebuild_tensor_v2"), ("torch", "dtype"),
                      ("torch.storage", "_load_from_bytes"), ("torch", "layout"), ("torch", "memory_format"),
                      ("torch", "contiguous_format"), ("torch", "preserve_format"),
-                     ("torch.serialization", "_get_layout")}
+                     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
 
 
 def _deepspeed_data_classes() -> list:
