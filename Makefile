@@ -10,7 +10,7 @@ RUN ?=
 export WANDB_SILENT ?= true
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup train resume show list analyze fuse export bench test test-slow lint slurm sweep sync dashboard report data plan clean
+.PHONY: help setup train resume show list analyze fuse export bench test test-slow test-cluster lint slurm sweep sync dashboard report data plan clean
 
 help:
 	@echo "make train RECIPE=<name> [ARGS='key=value ...']   train a recipe (no RECIPE: list them, run tiny)"
@@ -64,7 +64,10 @@ test: $(STAMP)
 	WANDB_MODE=offline $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	WANDB_MODE=offline $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	WANDB_MODE=offline $(PY) -m pytest -q -m "slow and not slurm_extra" $(PYTEST_ARGS)
+
+test-cluster: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q -m slurm_extra tests/test_slurm_cluster.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

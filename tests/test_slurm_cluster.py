@@ -20,6 +20,8 @@ import pytest
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
+# The 2-task srun DDP and the array-job tests also carry `slurm_extra`: `make test-cluster` runs them (about
+# 15 minutes on 2 cores); `make test-slow` (and CI) runs the time-limit requeue test only.
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
 
@@ -224,6 +226,7 @@ def test_launch_sh_is_signalled_requeued_and_resumes_to_the_same_loss(tmp_path, 
     _same_final_loss(run_dir, tmp_path / "plain" / "tiny" / "straight", steps)
 
 
+@pytest.mark.slurm_extra
 def test_two_task_ddp_through_srun_survives_sigterm_preemption(tmp_path, data_cache, cluster):
     steps = 40
     args = _overrides(data_cache, steps, "trainer.accelerator=cpu", "trainer.strategy=ddp", "data.batch_size=8")
@@ -241,6 +244,7 @@ def test_two_task_ddp_through_srun_survives_sigterm_preemption(tmp_path, data_ca
     _same_final_loss(run_dir, tmp_path / "plain" / "tiny" / "straight", steps)
 
 
+@pytest.mark.slurm_extra
 def test_sweep_as_a_two_task_array_each_point_resumes(tmp_path, data_cache, cluster):
     steps = 40
     sweep = tmp_path / "sw.yaml"
