@@ -542,6 +542,7 @@ def analysis_wandb_run(run_dir: Path, cfg, report: Dict[str, Any], mode: str):
     """Start (or resume) the analysis' OWN W&B run: id `<training run id>-analyze`, group = the training run's
     group or its id, job_type analyze, files under <run_dir>/analysis/wandb. Returns the wandb Run."""
     import wandb
+
     from recipes.engine.logs import wandb_settings
     from recipes.engine.runs import wandb_id_for
 
