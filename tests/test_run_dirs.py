@@ -224,3 +224,8 @@ def test_convert_checkpoint_needs_trust_and_yields_plain_data(tmp_path):
     plain = load_checkpoint_file(path)
     assert (plain["global_step"] == 7 and torch.equal(plain["w"], torch.ones(3))
             and (tmp_path / "old.ckpt.orig").exists())
+    # even with --trust, a file holding anything but plain data and numpy is refused, never unpickled
+    marker = tmp_path / "pwned"
+    _plant(tmp_path / "evil.ckpt", marker)
+    r = _cli("convert-checkpoint", str(tmp_path / "evil.ckpt"), "--trust")
+    assert r.returncode == 2 and "cannot be converted" in r.stderr and not marker.exists(), r.stderr[-2000:]

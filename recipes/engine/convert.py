@@ -2,8 +2,9 @@
 tensors and plain containers (e.g. numpy scalars or arrays written by other tools or versions) as plain data,
 so that it loads with `torch.load(weights_only=True)` like every checkpoint of this repository.
 
-Converting means unpickling the file with full trust ONCE: only do it for files you wrote yourself. The
-original is kept beside it as `<name>.orig`; the converted file is written atomically and verified."""
+Converting never unpickles with full trust: besides plain data it admits numpy's array and scalar reconstructors
+only (anything else is refused, naming it), and `--trust` confirms that you wrote the file yourself. The original
+is kept beside it as `<name>.orig`; the converted file is written atomically and verified."""
 from __future__ import annotations
 
 import argparse
@@ -39,12 +40,37 @@ def to_plain(obj: Any, where: str = "checkpoint") -> Any:
                                 "form; this checkpoint cannot be converted.")
 
 
+def _load_with_numpy(path: Path) -> Any:
+    """torch.load(weights_only=True) with numpy's array/scalar reconstructors additionally allowed: still never a
+    full unpickle. Any other non-plain object is an error naming it (it cannot be converted)."""
+    import importlib
+    import pickle
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        raise UnsafeCheckpointError(f"{path} cannot be read as plain data ({e}); it cannot be converted.") from None
+    other = [n for n in names if not n.startswith("numpy.")]
+    if other:
+        raise UnsafeCheckpointError(f"{path} holds {', '.join(other)}: not plain data and not numpy; this checkpoint "
+                                    "cannot be converted.")
+    allowed = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attr))
+    if allowed:  # numpy dtypes are rebuilt through their classes, which the scan above does not list
+        import numpy as np
+
+        allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
 def convert(path: Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UnsafeCheckpointError(f"{path} is a directory checkpoint; convert-checkpoint rewrites single files.")
-    full = torch.load(str(path), map_location="cpu", weights_only=False)  # the explicit, trusted opt-in
-    plain = to_plain(full)
+    plain = to_plain(_load_with_numpy(path))
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(plain, str(tmp))
     load_checkpoint_file(tmp)  # it must now load safely
@@ -57,10 +83,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m recipes convert-checkpoint", description=__doc__.splitlines()[0])
     p.add_argument("path", type=Path)
     p.add_argument("--trust", action="store_true",
-                   help="required: you wrote this file yourself; unpickling an untrusted file can run code")
+                   help="required: you confirm you wrote this file yourself")
     a = p.parse_args(argv)
     if not a.trust:
-        print("error: converting unpickles the file with full trust; pass --trust if you wrote it yourself.",
+        print("error: convert only files you wrote yourself; pass --trust to confirm.",
               file=sys.stderr)
         return 2
     try:
