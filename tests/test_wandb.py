@@ -256,6 +256,17 @@ def test_expert_load_scalars_small_and_tables_large(tmp_path):
     assert [r[1] for r in table["data"]] == pytest.approx(large[3].tolist())
 
 
+def test_add_expert_load_scalars_for_small_moes_only():
+    """What the MoE modules call each step: scalar columns up to 64 (layer, expert) pairs; beyond, none (tables go
+    to W&B instead, and without a W&B logger nothing is logged and nothing raises)."""
+    metrics: dict = {}
+    logs.add_expert_load(metrics, [], torch.full((4, 16), 1 / 16), step=50)
+    assert len(metrics) == 64 and metrics["moe/load/l3_e15"] == pytest.approx(1 / 16)
+    metrics = {"train/loss": 1.0}
+    logs.add_expert_load(metrics, [], torch.full((16, 64), 1 / 64), step=50)  # OLMoE-sized: 1,024 pairs
+    assert metrics == {"train/loss": 1.0}
+
+
 # ------------------------------------------------------------------------------ a run cut and resumed
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory, data_cache):

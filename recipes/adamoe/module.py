@@ -50,6 +50,7 @@ from models.moe import (
     trainable_module_names,
 )
 from recipes.engine.errors import ConfigError
+from recipes.engine.logs import add_expert_load
 from recipes.engine.module import CausalLMModule
 
 # lb_preset=custom: the values of the keys left unset (the from-scratch `adamoe` recipe's setting).
@@ -323,10 +324,7 @@ class AdaMoEModule(CausalLMModule):
             metrics["moe/aux_loss"] = float(self._raw_aux["lb"])
             metrics["moe/z_loss"] = float(self._raw_aux["z"])
         if self.log_expert_load:
-            rows = load if isinstance(load, list) else list(load)
-            for layer, row in enumerate(rows):
-                for expert, share in enumerate(row.tolist()):
-                    metrics[f"moe/load/l{layer}_e{expert}"] = share
+            add_expert_load(metrics, self.loggers, load, self.global_step)
         return metrics
 
     # Validation: the true-expert load over all validation tokens (the FLOPs proxy of the headline).

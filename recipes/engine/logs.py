@@ -376,6 +376,17 @@ def log_expert_load(loggers: Sequence[Any], load, step: int, every_n_steps: int 
         return False
 
 
+def add_expert_load(metrics: Dict[str, float], loggers: Sequence[Any], load, step: int,
+                    max_scalars: int = 64, every_n_steps: int = 50) -> None:
+    """Per-expert loads of a training step: scalar columns moe/load/l{i}_e{j} in `metrics` for small MoEs; for
+    larger ones (a paper-scale Mixtral has 256, OLMoE 1,024) W&B tables and a heatmap every `every_n_steps`."""
+    scalars = expert_load_scalars_or_none(load, max_scalars)
+    if scalars is not None:
+        metrics.update(scalars)
+    else:
+        log_expert_load(loggers, load, step, every_n_steps)
+
+
 def _load_rows(load) -> List[List[float]]:
     if hasattr(load, "tolist"):
         load = load.tolist()

@@ -21,6 +21,7 @@ import torch
 
 from models.moe import moe_blocks, moe_routing_metrics
 from recipes.engine.errors import ConfigError
+from recipes.engine.logs import add_expert_load
 from recipes.engine.module import CausalLMModule, weighted_moe_losses
 
 
@@ -91,9 +92,7 @@ class OpenMoEModule(CausalLMModule):
             metrics["moe/aux_loss"] = float(self._raw_aux["lb"])
             metrics["moe/z_loss"] = float(self._raw_aux["z"])
         if self.log_expert_load:
-            for layer, row in enumerate(load if isinstance(load, list) else list(load)):
-                for expert, share in enumerate(row.tolist()):
-                    metrics[f"moe/load/l{layer}_e{expert}"] = share
+            add_expert_load(metrics, self.loggers, load, self.global_step)
         return metrics
 
     # Validation (evaluation capacity): share of assignments dropped over the validation tokens.
