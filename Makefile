@@ -16,7 +16,7 @@ help:
 	@echo "make train RECIPE=<name> [ARGS='key=value ...']   train a recipe (no RECIPE: list them, run tiny)"
 	@echo "make resume RUN=<run_dir> [ARGS=...]              continue a run from its newest checkpoint"
 	@echo "make show RECIPE=<name> [ARGS=...]                print the resolved config"
-	@echo "make export RUN=<run_dir> | make analyze RUN=<run_dir> | make fuse STAGE=<stage>"
+	@echo "make export RUN=<run_dir> | make analyze RUN=<run_dir> | MODEL=<hub id> | make fuse STAGE=<stage>"
 	@echo "make slurm RECIPE=<name> NODES= GPUS= [PARTITION= TIME= CPUS= MEM= ...] | make sweep RECIPE= SWEEP= [SLURM=1]"
 	@echo "make test | make test-slow | make lint | make bench | make sync | make clean"
 
@@ -47,8 +47,8 @@ resume: $(STAMP)
 	$(PY) -m recipes resume $(RUN) $(ARGS)
 
 analyze: $(STAMP)
-	@test -n "$(RUN)" || { echo "usage: make analyze RUN=runs/<recipe>/<run_id>"; exit 2; }
-	$(PY) -m recipes analyze $(RUN) $(ARGS)
+	@test -n "$(RUN)$(MODEL)" || { echo "usage: make analyze RUN=runs/<recipe>/<run_id> | MODEL=<hub id | save_pretrained dir> [ARGS='key=value ...']"; exit 2; }
+	$(PY) -m recipes analyze $(if $(MODEL),--model $(MODEL)) $(RUN) $(ARGS)
 
 fuse: $(STAMP)
 	$(PY) -m recipes fuse --stage $(or $(STAGE),all) $(ARGS)
