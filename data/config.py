@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 SOURCES = ("embedded", "files", "hub")
+FORMATS = ("text", "chat")
+LOSS_ON = ("all", "assistant")
 
 
 @dataclass
@@ -18,6 +20,12 @@ class DataConfig:
     files: List[str] = field(default_factory=list)
     text_field: str = "text"
     text_template: Optional[str] = None  # e.g. "{question} {answerKey}": a document from several columns
+    # text: a document per row from text_field / text_template; chat: a conversation per row (conversations_field:
+    # a list of {from, value} (ShareGPT) or {role, content} turns) rendered with chat_template (data/chat.py)
+    format: str = "text"  # text | chat
+    conversations_field: str = "conversations"
+    chat_template: str = "openchat"  # openchat (OpenChat-3.5's) | tokenizer (the tokenizer's apply_chat_template)
+    loss_on: str = "all"  # all | assistant (format=chat: only the assistant turns' tokens are predicted targets)
     hub_name: Optional[str] = None  # source=hub: a hub dataset (network) or a local dataset directory
     hub_config: Optional[str] = None  # the dataset's configuration (load_dataset's `name`), e.g. ARC-Challenge
     hub_split: str = "train"  # the split of a hub dataset or of the files (load_dataset's `split`)
@@ -65,6 +73,26 @@ class DataConfig:
             out.append(f"data.shard_chars must be >= 1000, got {self.shard_chars}.")
         if self.tokenizer_train_chars < 1000:
             out.append(f"data.tokenizer_train_chars must be >= 1000, got {self.tokenizer_train_chars}.")
+        if self.format not in FORMATS:
+            out.append(f"data.format must be one of {', '.join(FORMATS)}; got '{self.format}'.")
+        if self.loss_on not in LOSS_ON:
+            out.append(f"data.loss_on must be one of {', '.join(LOSS_ON)}; got '{self.loss_on}'.")
+        if self.format == "chat":
+            from .chat import CHAT_TEMPLATES
+
+            if self.source == "embedded":
+                out.append("data.format=chat needs data.source=files or hub (the embedded corpus is plain text).")
+            if self.chat_template not in CHAT_TEMPLATES:
+                out.append(f"data.chat_template must be one of {', '.join(CHAT_TEMPLATES)}; got "
+                           f"'{self.chat_template}'.")
+            if self.chat_template == "tokenizer" and self.tokenizer in ("bpe", "unigram"):
+                out.append(f"data.chat_template=tokenizer needs a pretrained tokenizer with a chat template; "
+                           f"data.tokenizer={self.tokenizer} has none (use data.chat_template=openchat).")
+            if self.text_template is not None:
+                out.append("data.text_template applies to data.format=text; a chat row is rendered by "
+                           "data.chat_template.")
+        elif self.loss_on != "all":
+            out.append(f"data.loss_on={self.loss_on} needs data.format=chat (plain text has no turns).")
         if not self.hub_split:
             out.append("data.hub_split is empty: name a split (e.g. train).")
         if self.text_template is not None:

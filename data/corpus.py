@@ -9,7 +9,9 @@ Embedded default corpora: real text on every machine, no download, each a named 
 
 Local files (``data.source=files``) and hub datasets (``data.source=hub``, also local dataset directories)
 are read through ``datasets.load_dataset`` (config, split, data_files, streaming), batch by batch: a
-``CorpusSource`` yields each domain's documents in order and is never read whole into memory.
+``CorpusSource`` yields each domain's documents in order and is never read whole into memory. With
+``data.format=chat`` a row is a conversation, rendered by data/chat.py; with ``data.loss_on=assistant`` its
+document also carries the character spans the loss counts (``masked``).
 """
 from __future__ import annotations
 
@@ -20,12 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from .errors import DataError  # defined apart so that data/chat.py raises it without importing this module
+
 EMBEDDED_DOMAINS = ("pydoc", "stdlib", "licenses")
 LICENSES_DIR = Path("/usr/share/common-licenses")
-
-
-class DataError(ValueError):
-    """Bad or missing data; the message names the file or the setting."""
 
 
 @dataclass(frozen=True)
@@ -235,16 +235,22 @@ class DatasetPart:
 
 class CorpusSource:
     """A corpus as named domains whose documents are read in order, lazily. Subclasses define `domains`,
-    `identity()` (a JSON description that changes when the text may have changed) and `documents()`."""
+    `identity()` (a JSON description that changes when the text may have changed) and `documents()`.
+    `masked`: documents are (doc_id, text, spans) with the character spans the loss counts (data/chat.py)."""
 
     kind = "?"
     domains: List[str]
+    masked = False
 
     def identity(self) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def documents(self, domain: str) -> Iterator[Tuple[str, str]]:
-        """(doc_id, text) of the domain's non-blank documents, in the source's order."""
+    def use_tokenizer(self, tokenizer) -> None:
+        """The tokenizer the corpus is tokenised with (a chat template may need it), before identity()."""
+
+    def documents(self, domain: str) -> Iterator[tuple]:
+        """(doc_id, text) of the domain's non-blank documents, in the source's order; (doc_id, text, spans)
+        when `masked`."""
         raise NotImplementedError
 
     def sample(self, max_chars: int) -> List[Document]:
@@ -254,7 +260,7 @@ class CorpusSource:
         out: List[Document] = []
         for dom in self.domains:
             used = 0
-            for doc_id, text in self.documents(dom):
+            for doc_id, text, *_ in self.documents(dom):
                 text = text[: per_domain - used]
                 out.append(Document(dom, doc_id, text))
                 used += len(text)
@@ -287,14 +293,30 @@ class DatasetSource(CorpusSource):
 
     def __init__(self, kind: str, parts: Sequence[DatasetPart], split: str, text_field: str,
                  text_template: Optional[str], streaming: bool, num_proc: int, cache_dir: str,
-                 identity: Dict[str, Any]):
+                 identity: Dict[str, Any], chat=None, conversations_field: str = "conversations"):
         self.kind, self.parts, self.split = kind, list(parts), split
         self.text_field, self.text_template = text_field, text_template
         self.streaming, self.num_proc, self.cache_dir = streaming, num_proc, cache_dir
         self.domains = sorted({p.domain for p in self.parts})
         self._identity = identity
+        self.chat, self.conversations_field = chat, conversations_field  # chat: a data.chat.ChatRenderer
+        self.masked = chat is not None and chat.loss_on == "assistant"
+
+    @property
+    def column(self) -> Optional[str]:
+        """The one column a row's document is read from (None: text_template reads several)."""
+        if self.chat is not None:
+            return self.conversations_field
+        return None if self.text_template is not None else self.text_field
+
+    def use_tokenizer(self, tokenizer) -> None:
+        if self.chat is not None:
+            self.chat.use_tokenizer(tokenizer)
 
     def identity(self) -> Dict[str, Any]:
+        if self.chat is not None:
+            return {**self._identity, "split": self.split, "format": "chat",
+                    "conversations_field": self.conversations_field, **self.chat.identity()}
         text = {"text_template": self.text_template} if self.text_template else {"text_field": self.text_field}
         return {**self._identity, "split": self.split, **text}
 
@@ -330,8 +352,7 @@ class DatasetSource(CorpusSource):
     def _texts(self, part: DatasetPart, batch: Dict[str, list]) -> List[Optional[str]]:
         if self.text_template is None:
             if self.text_field not in batch:
-                raise DataError(f"{self.describe(part)} has no column '{self.text_field}' (columns: "
-                                f"{list(batch)}); set data.text_field or data.text_template.")
+                raise self._missing_column(part, batch)
             return [None if v is None else str(v) for v in batch[self.text_field]]
         keys = list(batch)
         out = []
@@ -347,16 +368,29 @@ class DatasetSource(CorpusSource):
                                 f"{self.describe(part)}: {type(e).__name__}: {e}.") from None
         return out
 
-    def documents(self, domain: str) -> Iterator[Tuple[str, str]]:
+    def _missing_column(self, part: DatasetPart, columns) -> DataError:
+        if self.chat is not None:
+            return DataError(f"{self.describe(part)} has no column '{self.conversations_field}' (columns: "
+                             f"{list(columns)}); set data.conversations_field (data.format=chat).")
+        return DataError(f"{self.describe(part)} has no column '{self.text_field}' (columns: {list(columns)}); set "
+                         "data.text_field or data.text_template.")
+
+    def _chats(self, part: DatasetPart, batch: Dict[str, list], row: int) -> List[Optional[tuple]]:
+        if self.conversations_field not in batch:
+            raise self._missing_column(part, batch)
+        return [None if conv is None else self.chat(conv, f"{self.describe(part)} row {row + j}")
+                for j, conv in enumerate(batch[self.conversations_field])]
+
+    def documents(self, domain: str) -> Iterator[tuple]:
         for part in self.parts:
             if part.domain != domain:
                 continue
             ds = self.load(part)
-            if self.text_template is None and ds.column_names is not None:
-                if self.text_field not in ds.column_names:
-                    raise DataError(f"{self.describe(part)} has no column '{self.text_field}' (columns: "
-                                    f"{ds.column_names}); set data.text_field or data.text_template.")
-                ds = ds.select_columns([self.text_field])
+            column = self.column
+            if column is not None and ds.column_names is not None:
+                if column not in ds.column_names:
+                    raise self._missing_column(part, ds.column_names)
+                ds = ds.select_columns([column])
             row = 0
             batches = ds.iter(batch_size=READ_BATCH)
             while True:
@@ -368,10 +402,26 @@ class DatasetSource(CorpusSource):
                     raise
                 except Exception as e:  # a streaming read fails here, not at load_dataset
                     raise self._error(part, e) from None
+                if self.chat is not None:
+                    for doc in self._chats(part, batch, row):
+                        if doc is not None and doc[0].strip():
+                            doc_id = f"{part.label}:{row}"
+                            yield (doc_id, doc[0], doc[1]) if self.masked else (doc_id, doc[0])
+                        row += 1
+                    continue
                 for text in self._texts(part, batch):
                     if text is not None and text.strip():
                         yield f"{part.label}:{row}", text
                     row += 1
+
+
+def _chat(s):
+    """The chat renderer of data.format=chat, else None."""
+    if getattr(s, "format", "text") != "chat":
+        return None
+    from .chat import ChatRenderer
+
+    return ChatRenderer(s.chat_template, s.loss_on)
 
 
 def _files_source(s) -> DatasetSource:
@@ -384,7 +434,7 @@ def _files_source(s) -> DatasetSource:
         stats.append(_file_stat(path))
     streaming = True if s.streaming is None else bool(s.streaming)
     return DatasetSource("files", parts, s.hub_split, s.text_field, s.text_template, streaming, s.num_proc,
-                         s.cache_dir, {"kind": "files", "files": stats})
+                         s.cache_dir, {"kind": "files", "files": stats}, _chat(s), s.conversations_field)
 
 
 def _local_dataset_files(root: Path, limit: int = 10_000) -> List[Dict[str, Any]]:
@@ -415,7 +465,7 @@ def _hub_source(s) -> DatasetSource:
                        data_files=tuple(s.files) or None)
     streaming = False if s.streaming is None else bool(s.streaming)
     return DatasetSource("hub", [part], s.hub_split, s.text_field, s.text_template, streaming, s.num_proc,
-                         s.cache_dir, identity)
+                         s.cache_dir, identity, _chat(s), s.conversations_field)
 
 
 def open_source(s) -> CorpusSource:

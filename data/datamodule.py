@@ -7,7 +7,9 @@ Packing: per domain and split, documents (each followed by EOS) are concatenated
 ``block_size`` tokens (the remainder of each domain is dropped): a block is an index range into the
 shard files, read by offset when asked for, so every block carries one domain label and the block size can
 change without re-tokenising. The split is by document (see data/shards.py), so no validation text leaks
-into training.
+into training. A masked corpus (chat data with data.loss_on=assistant, data/chat.py) gives labels -100 where
+a token is not a target of the loss: every loss that honours -100 (lm_loss, the fusion loss) then counts the
+assistant tokens only.
 Sharding: ``ShardedBlockSampler`` gives global rank r the positions r, r+W, r+2W, ... of a per-epoch
 permutation (seeded by seed + epoch, computed by position: nothing of the size of the corpus is held),
 padded by wrap-around to equal length on every rank. It is stateful, and the loader is torchdata's
@@ -47,20 +49,29 @@ from .tokenizers import EMBEDDED_KINDS, load_or_train_tokenizer
 
 class ShardBlocks(Dataset):
     """The fixed-length token blocks of one split of a shard directory, with a domain index per block.
-    `blocks` and `domains` are array-likes read on access (`np.asarray` materialises them)."""
+    `blocks` and `domains` are array-likes read on access (`np.asarray` materialises them). In a masked
+    corpus the labels are -100 where the loss mask is 0 (`loss_mask(i)`: block i's mask)."""
 
     def __init__(self, shards: TokenShards, split: str, block_size: int):
         self.index = BlockIndex(shards, split, block_size)
         self.blocks = BlockArray(self.index)
         self.domains = DomainArray(self.index)
+        self.masked = shards.masked
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def loss_mask(self, i: int) -> np.ndarray:
+        """Block i's loss mask: uint8, 1 where the token is a target (all ones without masks)."""
+        return self.index.mask(int(i))
+
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
         tokens, dom = self.index.block(int(i))
         ids = torch.from_numpy(tokens.astype(np.int64))
-        return {"input_ids": ids, "labels": ids.clone(), "domain": torch.tensor(dom)}
+        labels = ids.clone()
+        if self.masked:
+            labels[torch.from_numpy(self.index.mask(int(i)) == 0)] = -100
+        return {"input_ids": ids, "labels": labels, "domain": torch.tensor(dom)}
 
 
 def pack_sequences(token_lists: List[List[int]], eos_id: int, block_size: int) -> np.ndarray:
@@ -244,6 +255,7 @@ class LMDataModule(L.LightningDataModule):
             self.tokenizer = load_or_train_tokenizer(s.tokenizer, s.vocab_size, self.tokenizer_documents(source),
                                                      s.cache_dir, self.trust_remote_code)
             tok_hash = tokenizer_hash(self.tokenizer)
+            source.use_tokenizer(self.tokenizer)
             identity = source.identity()
             key = shard_key({"version": VERSION, "source": identity, "tokenizer": tok_hash,
                              "val_fraction": s.val_fraction, "shard_chars": s.shard_chars})
@@ -286,7 +298,7 @@ class LMDataModule(L.LightningDataModule):
                       "docs": {dom: dict(counts[dom]["docs"]) for dom in self.domain_names},
                       "train_blocks": len(self.train_set), "val_blocks": len(self.val_set),
                       "block_size": s.block_size, "vocab_size": len(self.tokenizer),
-                      "shard_dir": str(self.shard_dir), "built": self.built}
+                      "shard_dir": str(self.shard_dir), "built": self.built, "loss_mask": self.shards.masked}
 
     def summary_lines(self) -> List[str]:
         self.prepare()

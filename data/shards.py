@@ -5,9 +5,15 @@ depend on: the source's identity, the tokenizer, val_fraction, shard_chars and t
 
     manifest.json        written last, atomically: the directory is complete iff it exists
     c000000.bin          raw little-endian tokens (uint16 when the vocabulary fits, else uint32) of one chunk of
-    c000000.json         one domain: [train tokens | validation tokens], every document followed by EOS; the
-    ...                  .json (counts) is written after the .bin is renamed into place: the chunk's commit mark
-    tokenizer/           the tokenizer the tokens belong to (save_pretrained)
+    c000000.mask         one domain: [train tokens | validation tokens], every document followed by EOS; .mask
+    c000000.json         (masked corpora only: chat data with data.loss_on=assistant) one uint8 per token, 1 where
+    ...                  the token is a target of the loss; the .json (counts) is written after the .bin (and
+    tokenizer/           .mask) are renamed into place: the chunk's commit mark. tokenizer/: the tokenizer the
+                         tokens belong to (save_pretrained)
+
+A corpus without masks (every text corpus) has no .mask files and no "mask" in its manifest: every token
+counts, and shard directories written before masks existed read unchanged. In a masked corpus the EOS after a
+document counts iff the document's last token does.
 
 A chunk is a run of consecutive documents of one domain, closed after the document that brings it to
 ``shard_chars`` characters, so the chunks, and the tokens, depend on the corpus only (not on num_proc).
@@ -75,14 +81,15 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 # ------------------------------------------------------------------------------------------------ split
 
 
-def domain_chunks(docs: Iterable[Tuple[str, str]], domain: str, val_fraction: float,
-                  shard_chars: int) -> Iterator[List[Tuple[bool, str]]]:
-    """A domain's documents as chunks of (is_validation, text), in order (see the module docstring)."""
+def domain_chunks(docs: Iterable[tuple], domain: str, val_fraction: float,
+                  shard_chars: int) -> Iterator[List[tuple]]:
+    """A domain's documents, (doc_id, text) or (doc_id, text, loss spans), as chunks of (is_validation, text)
+    or (is_validation, text, loss spans), in order (see the module docstring)."""
     threshold = min(1 << 64, int(val_fraction * (1 << 64)))
     seen = {"val": False, "train": False}
 
-    def by_threshold(buf: List[Tuple[str, str]]) -> List[Tuple[bool, str]]:
-        hashes = [doc_hash64(i) for i, _ in buf]
+    def by_threshold(buf: List[tuple]) -> List[tuple]:
+        hashes = [doc_hash64(d[0]) for d in buf]
         flags = [h < threshold for h in hashes]
         # until the domain has a document of each split, a chunk without one gives it its extreme hash
         if not seen["val"] and not any(flags):
@@ -91,13 +98,13 @@ def domain_chunks(docs: Iterable[Tuple[str, str]], domain: str, val_fraction: fl
             flags[max(range(len(buf)), key=hashes.__getitem__)] = False
         seen["val"] = seen["val"] or any(flags)
         seen["train"] = seen["train"] or not all(flags)
-        return [(f, t) for f, (_, t) in zip(flags, buf)]
+        return [(f, *d[1:]) for f, d in zip(flags, buf)]
 
-    buf: List[Tuple[str, str]] = []
+    buf: List[tuple] = []
     chars, large = 0, False
-    for doc_id, text in docs:
-        buf.append((doc_id, text))
-        chars += len(text)
+    for doc in docs:
+        buf.append(tuple(doc))
+        chars += len(doc[1])
         if chars >= shard_chars:
             large = True
             yield by_threshold(buf)
@@ -111,9 +118,9 @@ def domain_chunks(docs: Iterable[Tuple[str, str]], domain: str, val_fraction: fl
         raise DataError(f"Domain '{domain}' has {n} document(s); at least 2 are needed for a train/validation "
                         "split.")
     n_val = min(n - 1, max(1, math.ceil(val_fraction * n)))
-    hashes = [doc_hash64(i) for i, _ in buf]
+    hashes = [doc_hash64(d[0]) for d in buf]
     val = set(sorted(range(n), key=hashes.__getitem__)[:n_val])
-    yield [(j in val, t) for j, (_, t) in enumerate(buf)]
+    yield [(j in val, *d[1:]) for j, d in enumerate(buf)]
 
 
 # ------------------------------------------------------------------------------------------- tokenising
@@ -125,15 +132,27 @@ def encoder_spec(tokenizer) -> Tuple[str, Any]:
     return ("json", backend.to_str()) if backend is not None else ("object", tokenizer)
 
 
-def make_encoder(spec: Tuple[str, Any]) -> Callable[[List[str]], List[List[int]]]:
-    """texts -> token ids, without special tokens (what `tokenizer(texts, add_special_tokens=False)` gives)."""
+def make_encoder(spec: Tuple[str, Any], offsets: bool = False) -> Callable[[List[str]], list]:
+    """texts -> token ids, without special tokens (what `tokenizer(texts, add_special_tokens=False)` gives);
+    offsets=True: (ids, [n, 2] character offsets) per text (a fast tokenizer's offsets)."""
     kind, payload = spec
     if kind == "json":
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_str(payload)
+        if offsets:
+            return lambda texts: [(e.ids, e.offsets) for e in tok.encode_batch(texts, add_special_tokens=False)]
         batch = getattr(tok, "encode_batch_fast", tok.encode_batch)  # the same ids, without offsets
         return lambda texts: [e.ids for e in batch(texts, add_special_tokens=False)]
+    if offsets:
+        def encode(texts):
+            try:
+                out = payload(texts, add_special_tokens=False, return_offsets_mapping=True)
+            except NotImplementedError:
+                raise DataError("data.loss_on=assistant needs a fast tokenizer (character offsets); "
+                                f"{type(payload).__name__} is not one.") from None
+            return list(zip(out["input_ids"], out["offset_mapping"]))
+        return encode
     return lambda texts: payload(texts, add_special_tokens=False)["input_ids"]
 
 
@@ -178,25 +197,35 @@ def init_worker(spec: Tuple[str, Any], pool: bool = False) -> None:
     if pool:  # num_proc processes already use the cores: no tokenizer thread pool in each
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["encode"] = make_encoder(spec)
+    _WORKER["encode_offsets"] = make_encoder(spec, offsets=True)
 
 
-def write_chunk(directory: str, chunk_id: int, domain: str, items: Sequence[Tuple[bool, str]], eos_id: int,
-                dtype: Any) -> Dict[str, Any]:
+def write_chunk(directory: str, chunk_id: int, domain: str, items: Sequence[tuple], eos_id: int,
+                dtype: Any, masked: bool = False) -> Dict[str, Any]:
     """Tokenise one chunk into <directory>/cNNNNNN.bin (train tokens, then validation tokens, each document
-    followed by EOS) and commit it with cNNNNNN.json (its counts); runs in a worker (init_worker first)."""
-    encode = _WORKER["encode"]
+    followed by EOS; masked: items carry loss spans, and cNNNNNN.mask holds a uint8 per token) and commit it
+    with cNNNNNN.json (its counts); runs in a worker (init_worker first)."""
+    from .chat import token_mask
+
+    encode = _WORKER["encode_offsets" if masked else "encode"]
     dtype = np.dtype(dtype).newbyteorder("<")
     d, name = Path(directory), chunk_name(chunk_id)
     docs = {"train": 0, "val": 0}
     tokens = {"train": 0, "val": 0}
-    pieces: List[Tuple[bool, str, bool]] = []  # (is_val, text, ends the document)
-    for is_val, text in items:
+    loss_tokens = {"train": 0, "val": 0}
+    pieces: List[tuple] = []  # (is_val, text, ends the document, first character, loss spans)
+    for item in items:
+        is_val, text = item[0], item[1]
         docs["val" if is_val else "train"] += 1
-        parts = text_pieces(text)
-        pieces.extend((is_val, p, k == len(parts) - 1) for k, p in enumerate(parts))
+        parts, base = text_pieces(text), 0
+        for k, p in enumerate(parts):
+            pieces.append((is_val, p, k == len(parts) - 1, base, item[2] if masked else None))
+            base += len(p)
     tmp = d / f"{name}.bin.tmp{os.getpid()}"
-    val_parts: List[np.ndarray] = []
-    with open(tmp, "wb") as f:
+    mask_tmp = d / f"{name}.mask.tmp{os.getpid()}"
+    val_parts: List[Tuple[np.ndarray, np.ndarray]] = []
+    last_counts = 0  # masked: whether the document's last token so far counts (its EOS then counts)
+    with open(tmp, "wb") as f, (open(mask_tmp, "wb") if masked else open(os.devnull, "wb")) as fm:
         start = 0
         while start < len(pieces):
             end, chars = start, 0
@@ -204,23 +233,43 @@ def write_chunk(directory: str, chunk_id: int, domain: str, items: Sequence[Tupl
                 chars += len(pieces[end][1])
                 end += 1
             batch = pieces[start:end]
-            train_ids: List[int] = []
-            val_ids: List[int] = []
-            for (is_val, _, last), ids in zip(batch, encode([p[1] for p in batch])):
-                out = val_ids if is_val else train_ids
-                out.extend(ids)
+            out = {False: ([], []), True: ([], [])}  # is_val -> (ids, mask parts)
+            for (is_val, _, last, base, spans), enc in zip(batch, encode([p[1] for p in batch])):
+                ids, mask_parts = out[is_val]
+                if masked:
+                    enc, offsets = enc
+                    m = token_mask(np.asarray(offsets, dtype=np.int64).reshape(-1, 2) + base, spans)
+                    if len(m):
+                        last_counts = int(m[-1])
+                    mask_parts.append(m)
+                ids.extend(enc)
                 if last:
-                    out.append(eos_id)
-            np.asarray(train_ids, dtype=dtype).tofile(f)
-            val_parts.append(np.asarray(val_ids, dtype=dtype))
-            tokens["train"] += len(train_ids)
-            tokens["val"] += len(val_ids)
+                    ids.append(eos_id)
+                    if masked:
+                        mask_parts.append(np.array([last_counts], dtype=np.uint8))
+                        last_counts = 0
+            for is_val in (False, True):
+                ids, mask_parts = out[is_val]
+                arr = np.asarray(ids, dtype=dtype)
+                mask = np.concatenate(mask_parts) if mask_parts else np.zeros(0, dtype=np.uint8)
+                split = "val" if is_val else "train"
+                tokens[split] += len(arr)
+                loss_tokens[split] += int(mask.sum()) if masked else len(arr)
+                if is_val:
+                    val_parts.append((arr, mask))
+                else:
+                    arr.tofile(f)
+                    mask.tofile(fm)
             start = end
-        for part in val_parts:
-            part.tofile(f)
+        for arr, mask in val_parts:
+            arr.tofile(f)
+            mask.tofile(fm)
     os.replace(tmp, d / f"{name}.bin")
     meta = {"chunk": chunk_id, "file": f"{name}.bin", "domain": domain, "docs": docs, "tokens": tokens,
-            "chars": sum(len(t) for _, t in items), "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "chars": sum(len(item[1]) for item in items), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if masked:
+        os.replace(mask_tmp, d / f"{name}.mask")
+        meta.update(mask_file=f"{name}.mask", loss_tokens=loss_tokens)
     write_json_atomic(d / f"{name}.json", meta)
     return meta
 
@@ -279,17 +328,27 @@ class _Runner:
 # ------------------------------------------------------------------------------------------ preparation
 
 
-def _committed_chunks(d: Path, itemsize: int) -> Dict[int, Dict[str, Any]]:
-    """The chunks whose .json commit mark exists and whose .bin has the size it records."""
+def _shard_files_ok(d: Path, meta: Dict[str, Any], itemsize: int, masked: bool) -> bool:
+    """Whether a chunk's .bin (and, masked, its .mask) exist with the sizes its counts give."""
+    n = meta["tokens"]["train"] + meta["tokens"]["val"]
+    try:
+        if (d / meta["file"]).stat().st_size != itemsize * n:
+            return False
+        return not masked or ("mask_file" in meta and (d / meta["mask_file"]).stat().st_size == n)
+    except OSError:
+        return False
+
+
+def _committed_chunks(d: Path, itemsize: int, masked: bool = False) -> Dict[int, Dict[str, Any]]:
+    """The chunks whose .json commit mark exists and whose .bin (and .mask) have the sizes it records."""
     out = {}
     for meta_file in sorted(d.glob("c[0-9]*.json")):
         try:
             meta = json.loads(meta_file.read_text())
-            size = (d / meta["file"]).stat().st_size
-        except (OSError, ValueError, KeyError):
+            if _shard_files_ok(d, meta, itemsize, masked):
+                out[int(meta["chunk"])] = meta
+        except (ValueError, KeyError):
             continue
-        if size == itemsize * (meta["tokens"]["train"] + meta["tokens"]["val"]):
-            out[int(meta["chunk"])] = meta
     return out
 
 
@@ -302,9 +361,9 @@ def read_manifest(directory: Path) -> Optional[Dict[str, Any]]:
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         return None
     itemsize = np.dtype(manifest["dtype"]).itemsize
+    masked = bool(manifest.get("mask"))
     for sh in manifest["shards"]:
-        f = directory / sh["file"]
-        if not f.is_file() or f.stat().st_size != itemsize * (sh["tokens"]["train"] + sh["tokens"]["val"]):
+        if not _shard_files_ok(directory, sh, itemsize, masked):
             return None
     return manifest
 
@@ -313,7 +372,8 @@ def prepare_shards(directory: Path, source: CorpusSource, spec: Tuple[str, Any],
                    val_fraction: float, shard_chars: int, num_proc: int, info: Dict[str, Any],
                    log: Optional[Callable[[str], None]] = None) -> Tuple[Dict[str, Any], bool]:
     """Find or build the shard directory; returns (manifest, built). Resumes a cut preparation. The caller
-    holds a lock on the cache, so that one process prepares and the others then find the manifest."""
+    holds a lock on the cache, so that one process prepares and the others then find the manifest. A
+    `source.masked` corpus gets a loss mask per token (.mask files, "mask": true in the manifest)."""
     manifest = read_manifest(directory)
     if manifest is not None:
         return manifest, False
@@ -325,7 +385,8 @@ def prepare_shards(directory: Path, source: CorpusSource, spec: Tuple[str, Any],
         else:
             stale.unlink()
     dtype = token_dtype(vocab_size)
-    metas = _committed_chunks(directory, dtype.itemsize)
+    masked = bool(getattr(source, "masked", False))
+    metas = _committed_chunks(directory, dtype.itemsize, masked)
     reused = len(metas)
     progress = {"tokens": 0, "chunks": 0, "last": t0, "rss": 0.0}
 
@@ -347,7 +408,7 @@ def prepare_shards(directory: Path, source: CorpusSource, spec: Tuple[str, Any],
         for dom in source.domains:
             for items in domain_chunks(source.documents(dom), dom, val_fraction, shard_chars):
                 if chunk_id not in metas:
-                    runner.submit(str(directory), chunk_id, dom, items, eos_id, dtype.name)
+                    runner.submit(str(directory), chunk_id, dom, items, eos_id, dtype.name, masked)
                 chunk_id += 1
         runner.finish()
     finally:
@@ -357,9 +418,13 @@ def prepare_shards(directory: Path, source: CorpusSource, spec: Tuple[str, Any],
     for sh in shards:
         c = counts.setdefault(sh["domain"], {"docs": {"train": 0, "val": 0}, "tokens": {"train": 0, "val": 0},
                                              "chars": 0, "shards": 0})
+        if masked:
+            c.setdefault("loss_tokens", {"train": 0, "val": 0})
         for split in SPLITS:
             c["docs"][split] += sh["docs"][split]
             c["tokens"][split] += sh["tokens"][split]
+            if masked:
+                c["loss_tokens"][split] += sh["loss_tokens"][split]
         c["chars"] += sh["chars"]
         c["shards"] += 1
     for dom in source.domains:
@@ -374,10 +439,15 @@ def prepare_shards(directory: Path, source: CorpusSource, spec: Tuple[str, Any],
                 "eos_id": int(eos_id), "vocab_size": int(vocab_size), **info, "val_fraction": val_fraction,
                 "split_rule": SPLIT_RULE, "shard_chars": shard_chars, "domains": list(source.domains),
                 "counts": counts, "total_tokens": total,
-                "shards": [{k: sh[k] for k in ("file", "domain", "docs", "tokens", "chars")} for sh in shards],
+                "shards": [{k: sh[k] for k in ("file", "mask_file", "domain", "docs", "tokens", "loss_tokens", "chars")
+                            if k in sh} for sh in shards],
                 "prepared": {"seconds": round(time.time() - t0, 2), "num_proc": num_proc,
                              "chunks_reused": reused, "worker_peak_rss_mb": progress["rss"],
                              "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    if masked:
+        manifest["mask"] = True
+        manifest["mask_rule"] = ("uint8 per token, 1 = a target of the loss: the token's last character is in an "
+                                 "assistant turn (data/chat.py); a document's EOS counts iff its last token does")
     write_json_atomic(directory / MANIFEST, manifest)
     return manifest, True
 
@@ -402,6 +472,8 @@ class TokenShards:
         self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
         self.domains: List[str] = list(manifest["domains"])
         self.files = [sh["file"] for sh in manifest["shards"]]
+        self.masked = bool(manifest.get("mask"))  # per-token loss masks (.mask files); else every token counts
+        self.mask_files = [sh["mask_file"] for sh in manifest["shards"]] if self.masked else []
         # (split, domain index) -> (shard index, first token in the file, length) per segment, and the
         # segments' start positions in the stream
         self.segments: Dict[Tuple[str, int], np.ndarray] = {}
@@ -416,7 +488,7 @@ class TokenShards:
                 arr = np.array(segs, dtype=np.int64).reshape(-1, 3)
                 self.segments[(split, di)] = arr
                 self.starts[(split, di)] = np.concatenate([[0], np.cumsum(arr[:, 2])]).astype(np.int64)
-        self._fds: "OrderedDict[int, int]" = OrderedDict()
+        self._fds: "OrderedDict[Tuple[int, bool], int]" = OrderedDict()
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -438,27 +510,33 @@ class TokenShards:
     def stream_tokens(self, split: str, domain: int) -> int:
         return int(self.starts[(split, domain)][-1])
 
-    def _fd(self, k: int) -> int:
-        fd = self._fds.get(k)
+    def _fd(self, k: int, mask: bool = False) -> int:
+        key = (k, mask)
+        fd = self._fds.get(key)
         if fd is None:
             if len(self._fds) >= OPEN_FILES:
                 os.close(self._fds.popitem(last=False)[1])
-            fd = os.open(self.directory / self.files[k], os.O_RDONLY)
-            self._fds[k] = fd
+            fd = os.open(self.directory / (self.mask_files if mask else self.files)[k], os.O_RDONLY)
+            self._fds[key] = fd
         else:
-            self._fds.move_to_end(k)
+            self._fds.move_to_end(key)
         return fd
 
-    def _pread(self, k: int, first: int, count: int) -> np.ndarray:
-        size = self.dtype.itemsize
-        raw = os.pread(self._fd(k), count * size, first * size)
+    def _pread(self, k: int, first: int, count: int, mask: bool = False) -> np.ndarray:
+        dtype = np.dtype(np.uint8) if mask else self.dtype
+        size = dtype.itemsize
+        raw = os.pread(self._fd(k, mask), count * size, first * size)
         if len(raw) != count * size:
-            raise DataError(f"{self.directory / self.files[k]} is shorter than its manifest says: prepare again "
+            name = (self.mask_files if mask else self.files)[k]
+            raise DataError(f"{self.directory / name} is shorter than its manifest says: prepare again "
                             "(delete the directory).")
-        return np.frombuffer(raw, dtype=self.dtype)
+        return np.frombuffer(raw, dtype=dtype)
 
-    def read(self, split: str, domain: int, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start+length) of a split's stream of one domain."""
+    def read(self, split: str, domain: int, start: int, length: int, mask: bool = False) -> np.ndarray:
+        """Tokens [start, start+length) of a split's stream of one domain (mask=True: their loss mask, uint8;
+        all ones when the corpus has no masks)."""
+        if mask and not self.masked:
+            return np.ones(length, dtype=np.uint8)
         segs, starts = self.segments[(split, domain)], self.starts[(split, domain)]
         if start < 0 or start + length > starts[-1]:
             raise IndexError(f"tokens [{start}, {start + length}) outside the {split} stream of "
@@ -469,7 +547,7 @@ class TokenShards:
             k, first, n = (int(x) for x in segs[j])
             off = start - int(starts[j])
             take = min(length, n - off)
-            parts.append(self._pread(k, first + off, take))
+            parts.append(self._pread(k, first + off, take, mask))
             start, length, j = start + take, length - take, j + 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
@@ -495,6 +573,12 @@ class BlockIndex:
         d = self.domain(i)
         k = i - int(self.offsets[d])
         return self.shards.read(self.split, d, k * self.block_size, self.block_size), d
+
+    def mask(self, i: int) -> np.ndarray:
+        """Block i's loss mask (uint8, 1 = the token is a target; all ones in a corpus without masks)."""
+        d = self.domain(i)
+        k = i - int(self.offsets[d])
+        return self.shards.read(self.split, d, k * self.block_size, self.block_size, mask=True)
 
 
 def _indices(key, n: int) -> Optional[np.ndarray]:
@@ -569,6 +653,8 @@ def format_counts(manifest: Dict[str, Any]) -> List[str]:
     lines = []
     for dom in manifest["domains"]:
         c = manifest["counts"][dom]
-        lines.append(f"  {dom}: {c['tokens']['train']:,} train / {c['tokens']['val']:,} validation tokens, "
+        loss = (f" ({c['loss_tokens']['train']:,} / {c['loss_tokens']['val']:,} of them in the loss)"
+                if "loss_tokens" in c else "")
+        lines.append(f"  {dom}: {c['tokens']['train']:,} train / {c['tokens']['val']:,} validation tokens{loss}, "
                      f"{c['docs']['train']:,} / {c['docs']['val']:,} documents, {c['shards']} shard(s)")
     return lines

@@ -355,7 +355,8 @@ def test_config_errors_are_clear(tiny_overrides, tiny_models):
            "fusechat.ms_min_count=0": "fusechat.ms_min_count", "fusechat.eval_batch_size=0": "eval_batch_size",
            "fusechat.align_preset=official": "fusechat.align_preset", "fusechat.align_cost=cosine": "align_cost",
            "fusechat.align_ties=left": "fusechat.align_ties", "fusechat.one_to_one=strict": "fusechat.one_to_one",
-           "fusechat.ms_rule=median": "fusechat.ms_rule"}
+           "fusechat.ms_rule=median": "fusechat.ms_rule", "fusechat.represent_dtype=int8": "represent_dtype",
+           "fusechat.device_map=balanced": "fusechat.device_map must be auto or null"}
     for override, message in bad.items():
         trains = override.startswith("fusechat.pivot.steps")
         extra = [override] + (["fusechat.pivot.domains=[python]"] if trains else [])
@@ -378,3 +379,74 @@ def test_model_sub_runs_inherit_the_run_and_live_in_its_directory(tiny_overrides
     assert (sub.data.block_size, sub.data.batch_size, sub.data.cache_dir) == (192, 4, cfg.data.cache_dir)
     assert sub.trainer.max_steps == 300 and sub.trainer.precision == "32-true" and sub.optim.lr == 3e-3
     assert list(sub.logging.tags) == ["mine", "fusechat"] and sub.logging.wandb == "disabled"
+
+
+@pytest.mark.parametrize("device_map", [None, "auto"])
+def test_represent_loads_in_the_configured_dtype_and_placement(tiny_models, device_map):
+    """fusechat.represent_dtype / device_map (the paper's: bf16, auto): bf16 weights as loaded, finite top-k and
+    CE, the same representation as the float32 model up to bf16 rounding; device_map=auto (accelerate) places
+    the model on this machine's devices (CPU only here)."""
+    from recipes.fusechat.common import input_device, load_model
+
+    ref = load_model(tiny_models["pivot"])
+    model = load_model(tiny_models["pivot"], "bf16", device_map)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    if device_map == "auto" and not torch.cuda.is_available():  # one device: transformers places it whole there
+        assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert input_device(model) == next(model.parameters()).device
+    seqs = [list(range(5, 37)), list(range(40, 60))]
+    got = represent.topk_representation(model, seqs, 0, 10, 400)
+    want = represent.topk_representation(ref, seqs, 0, 10, 400)
+    finite = got["topk_ids"] >= 0
+    assert finite.sum() == 52 * 10 and torch.isfinite(got["topk_logits"][finite]).all()
+    assert torch.isfinite(got["mean_ce"]).all()
+    assert torch.allclose(got["mean_ce"], want["mean_ce"], atol=0.05)
+    assert torch.allclose(got["topk_logits"][:, :, 0].nan_to_num(0, 0, 0), want["topk_logits"][:, :, 0].nan_to_num(
+        0, 0, 0).float(), atol=0.05)
+
+
+def test_device_map_auto_without_accelerate_names_the_package(tiny_models, monkeypatch):
+    import importlib.util
+
+    from recipes.engine.errors import ConfigError
+    from recipes.fusechat.common import load_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    with pytest.raises(ConfigError, match="fusechat.device_map=auto needs the package accelerate"):
+        load_model(tiny_models["pivot"], "bf16", "auto")
+
+
+def test_a_source_reads_the_pivot_mask_through_the_text_and_the_ce_counts_only_masked_tokens(tiny_models, tmp_path):
+    """Chat data (data.loss_on=assistant): a pivot block's mask carried to a source with another tokenizer via
+    the decoded text, and topk_representation's mean CE over the counted predictions only."""
+    from transformers import AutoTokenizer
+
+    from data.chat import decoded_spans, token_mask
+    from recipes.fusechat.common import load_model
+    from tests.test_shards import TWO_TURNS, chat_datamodule
+
+    dm = chat_datamodule(tmp_path, [TWO_TURNS] * 4, block_size=15)  # word-level pivot tokens, one chat a block
+    ids, mask = dm.train_set[0]["input_ids"].tolist(), dm.train_set.loss_mask(0)
+    text, spans = decoded_spans(dm.tokenizer, ids, mask)
+    # the counted pivot tokens' text (the word decoder joins words with spaces): the assistant's turn, its
+    # end-of-turn and the EOS, from the space that its first word's decoding brings
+    start = text.index(" Hello")
+    assert spans == [(start, len(text))]
+    assert text[start:] == " Hello you <|end_of_turn|> </s>", text
+    source = AutoTokenizer.from_pretrained(str(tiny_models["pivot"]))  # byte-level BPE: cuts the text otherwise
+    enc = source(text, add_special_tokens=False, return_offsets_mapping=True)
+    got = token_mask(np.asarray(enc["offset_mapping"]), spans)
+    want = [int(end > start) for _, end in enc["offset_mapping"]]  # a token ending inside the assistant text
+    assert got.tolist() == want and 0 < sum(want) < len(want)
+
+    model = load_model(tiny_models["pivot"])
+    seq, seq_mask = enc["input_ids"][-40:], got[-40:]  # the end of the block: both kinds of token
+    assert 0 < seq_mask[1:].sum() < 39
+    out = represent.topk_representation(model, [seq], 0, 10, 400, masks=[seq_mask])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0, :, :400].double(), -1)
+    terms = [-logp[i, seq[i + 1]].item() for i in range(len(seq) - 1) if seq_mask[i + 1]]
+    assert out["num_predicted"].item() == len(terms)
+    assert out["mean_ce"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert out["loss_mask"][0].tolist() == seq_mask.tolist()

@@ -162,3 +162,44 @@ def test_fusion_loss_combines_clm_and_shifted_fusion_term():
     assert torch.all(student.grad[0, 1] == 0)
     with pytest.raises(ValueError, match="lam"):
         fusion_loss(student, labels, fused_ids, fused_logits, lam=1.5)
+
+
+def test_batch_loss_of_masked_chat_data_is_the_mean_over_assistant_tokens(tmp_path):
+    """A batch of chat blocks (data.loss_on=assistant) through CausalLMModule's and FuseChat's FusionModule's
+    own loss: each equals the direct mean over the positions whose next token is an assistant token, read from
+    the shards' mask files (not from the labels)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recipes.engine.module import CausalLMModule
+    from recipes.fusechat.train import FusionModule
+    from tests.test_shards import FOUR_TURNS, TWO_TURNS, chat_datamodule
+
+    dm = chat_datamodule(tmp_path, [FOUR_TURNS, TWO_TURNS] * 4, block_size=16)
+    rows = list(range(4))
+    items = [dm.train_set[i] for i in rows]
+    batch = {k: torch.stack([x[k] for x in items]) for k in ("input_ids", "labels")}
+    mask = torch.stack([torch.from_numpy(dm.train_set.loss_mask(i).astype(bool)) for i in rows])
+    assert 0 < int(mask.sum()) < mask.numel()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(dm.tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=32)).eval()
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        log_probs = F.log_softmax(model(input_ids=ids).logits.double(), -1)
+    positions = [(b, i) for b in range(len(rows)) for i in range(ids.shape[1] - 1) if mask[b, i + 1]]
+    clm = sum(-log_probs[b, i, ids[b, i + 1]].item() for b, i in positions) / len(positions)
+    everything = -log_probs[:, :-1].gather(-1, ids[:, 1:, None]).mean().item()
+    assert abs(clm - everything) > 1e-3  # the mask changes the loss
+
+    loss, _ = CausalLMModule(model, {}, 1)._step(batch)
+    assert loss.item() == pytest.approx(clm, rel=1e-5)
+
+    g = torch.Generator().manual_seed(3)
+    V = len(dm.tokenizer)
+    fused_ids, fused_logits = _random_sparse(len(rows), ids.shape[1], 3, V, g)
+    fused = {**batch, "fused_ids": fused_ids, "fused_logits": fused_logits.float()}
+    target = dense_target(fused_ids, fused_logits, V)
+    fusion = sum(-(target[b, i] * log_probs[b, i]).sum().item() for b, i in positions) / len(positions)
+    loss, _ = FusionModule(model, {}, 1, lam=0.9)._step(fused)
+    assert loss.item() == pytest.approx(0.9 * clm + 0.1 * fusion, rel=1e-5)

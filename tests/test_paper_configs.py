@@ -373,7 +373,7 @@ def test_adamoe_paper_trains_two_steps(tmp_path, data_cache):
 
 
 def render_openchat(conversations: List[dict]) -> str:
-    """A FuseChat-Mixture conversation in OpenChat-3.5's template, as the command in fusechat_paper.yaml writes it."""
+    """A FuseChat-Mixture conversation in OpenChat-3.5's template (written out here: the tokenizer's training text)."""
     return "".join("GPT4 Correct " + ("User" if t["from"] == "human" else "Assistant") + ": " + t["value"]
                    + "<|end_of_turn|>" for t in conversations)
 
@@ -396,25 +396,46 @@ def _shared_tokenizer(texts: List[str], out: Path):
 
 def test_fusechat_paper_trains_two_steps(tmp_path, data_cache):
     from recipes.engine.loop import train
+    from recipes.engine.runs import load_safetensors
 
-    rows = [json.loads(line) for line in (FIXTURES / "fusechat_mixture_sample.jsonl").read_text().splitlines()]
+    fixture = FIXTURES / "fusechat_mixture_sample.jsonl"
+    rows = [json.loads(line) for line in fixture.read_text().splitlines()]
     assert all({"id", "conversations"} <= set(r) for r in rows)  # the FuseAI/FuseChat-Mixture record layout
-    texts = [render_openchat(r["conversations"]) for r in rows]
-    data_file = tmp_path / "fusechat_mixture.jsonl"
-    data_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    tok = _shared_tokenizer(texts, tmp_path / "tokenizer")
-    paper = load_config("fusechat_paper").fusechat
+    tok = _shared_tokenizer([render_openchat(r["conversations"]) for r in rows], tmp_path / "tokenizer")
+    paper_cfg = load_config("fusechat_paper")
+    paper = paper_cfg.fusechat
+    # the paper's data path: FuseChat-Mixture's conversations rendered with OpenChat's template, loss on the
+    # assistant turns; models in bf16 spread by device_map auto
+    assert (paper_cfg.data.source, paper_cfg.data.hub_name, paper_cfg.data.format, paper_cfg.data.chat_template,
+            paper_cfg.data.loss_on) == ("hub", "FuseAI/FuseChat-Mixture", "chat", "openchat", "assistant")
+    assert (paper.represent_dtype, paper.device_map) == ("bf16", "auto")
     dirs = {m.name: _reduced_pretrained(m.pretrained, tmp_path / m.name, tok) for m in [paper.pivot, *paper.sources]}
     sources = ", ".join(f"{{name: {s.name}, tokenizer: null, steps: 0, pretrained: {dirs[s.name]}}}"
                         for s in paper.sources)
     cfg = load_config("fusechat_paper", cpu_overrides(tmp_path / "runs", data_cache, 32) + [
-        f"data.files=[{data_file}]", "data.val_fraction=0.25", f"fusechat.pivot.pretrained={dirs[paper.pivot.name]}",
+        "data.source=files", "data.hub_name=null", f"data.files=[{fixture}]", "data.val_fraction=0.25",
+        f"data.tokenizer={dirs[paper.pivot.name]}", f"fusechat.pivot.pretrained={dirs[paper.pivot.name]}",
         f"fusechat.sources=[{sources}]", "fusechat.num_blocks=8", "fusechat.shard_blocks=4",
         "fusechat.represent_batch_size=2", "fusechat.target_steps=2", "fusechat.eval_batch_size=2",
         "fusechat.eval_max_blocks=2", "run.run_id=paper"])
-    for key in ("lam", "fusion", "topk", "vocab_map", "merge_method", "target_lr", "temperature"):
+    for key in ("lam", "fusion", "topk", "vocab_map", "merge_method", "target_lr", "temperature", "represent_dtype",
+                "device_map"):
         assert cfg.fusechat[key] == paper[key]
-    s = _summary(train(cfg))
+    for key in ("format", "conversations_field", "chat_template", "loss_on"):
+        assert cfg.data[key] == paper_cfg.data[key]
+    run_dir = train(cfg)
+    s = _summary(run_dir)
+    # the represented pivot blocks carry the assistant-only mask, and it holds both kinds of token
+    shard = load_safetensors(Path(run_dir) / "represent" / paper.pivot.name / "shard-00000.safetensors")
+    mask = shard["loss_mask"]
+    assert 0 < int(mask.sum()) < mask.numel()
+    assert shard["topk_logits"].dtype == torch.float16 and torch.isfinite(shard["mean_ce"]).all()
+    from recipes.fusechat.train import FusedBlocks
+
+    fused = FusedBlocks([Path(run_dir) / "represent" / paper.pivot.name / "shard-00000.safetensors"],
+                        [Path(run_dir) / "fused" / paper.sources[0].name / "shard-00000.safetensors"], 4)
+    item = fused[0]  # the targets' labels: -100 exactly where the pivot block's mask is 0
+    assert torch.equal(item["labels"] == -100, mask[0] == 0)
     evaluation = s["merge"]["evaluation"]["val_loss"] if "merge" in s else None
     losses = {k: v for k, v in s.items() if k.startswith("fusechat/val_loss/")}
     assert losses and all(math.isfinite(v) for v in losses.values()), (evaluation, sorted(s)[:20])

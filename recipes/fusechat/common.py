@@ -32,8 +32,13 @@ from recipes.engine.runs import write_json_atomic
 LOGIT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # The keys of a sub-run's config that its trained weights depend on (not paths of caches, not logging).
 SUB_RUN_KEYS = ("model", "optim", "run.seed", "trainer.max_steps", "data.source", "data.domains", "data.files",
-                "data.text_field", "data.hub_name", "data.hub_split", "data.max_chars_per_domain", "data.tokenizer",
-                "data.vocab_size", "data.block_size", "data.batch_size", "data.val_fraction")
+                "data.text_field", "data.hub_name", "data.hub_config", "data.hub_split", "data.max_chars_per_domain",
+                "data.tokenizer", "data.vocab_size", "data.block_size", "data.batch_size", "data.val_fraction",
+                "data.format", "data.conversations_field", "data.chat_template", "data.loss_on")
+# The data keys a sub-run takes from the FuseChat run (sub_run_config's, plus the chat data's).
+SUB_RUN_DATA_KEYS = ("source", "files", "text_field", "text_template", "hub_name", "hub_config", "hub_split",
+                     "streaming", "num_proc", "max_chars_per_domain", "cache_dir", "block_size", "batch_size",
+                     "val_fraction", "num_workers", "format", "conversations_field", "chat_template", "loss_on")
 # Schedule of every sub-run: validation once at the end, on a few batches (the merge stage evaluates all models).
 _SUB_RUN_SCHEDULE = ("trainer.val_check_interval=1000000", "trainer.limit_val_batches=2")
 
@@ -87,10 +92,56 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(path: Path):
+MODEL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_model(path: Path, dtype: Optional[str] = None, device_map: Optional[str] = None):
+    """A save_pretrained directory or hub name in eval mode. dtype (bf16 | fp16 | fp32; None: float32 for a
+    local directory, transformers' default for a hub name) is the weights' dtype as loaded, never a float32
+    copy first; device_map None: the whole model on `device()`; "auto": accelerate spreads it over the visible
+    GPUs (then CPU memory), for a model larger than one GPU (read its inputs' device with input_device)."""
     from models.factory import load_pretrained
 
-    return load_pretrained(str(path)).to(device()).eval()
+    torch_dtype = MODEL_DTYPES[dtype] if dtype else None
+    if device_map is None:
+        if torch_dtype is None:
+            return load_pretrained(str(path)).to(device()).eval()
+        from models.factory import ModelSpec
+
+        spec = ModelSpec(arch="", size="", vocab_size=0, max_seq_len=0, overrides={}, dtype=torch_dtype)
+        return load_pretrained(str(path), spec).to(device()).eval()
+    if device_map != "auto":
+        raise ConfigError(f"fusechat.device_map must be auto or null; got '{device_map}'.")
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise ConfigError("fusechat.device_map=auto needs the package accelerate (pip install accelerate), which is "
+                          "not installed.")
+    local = Path(path).expanduser()
+    if local.exists():
+        from models.factory import architecture
+
+        model_type = json.loads((local / "config.json").read_text()).get("model_type")
+        arch = architecture(model_type) if model_type else None
+        if arch is not None and arch.load is not None:
+            raise ConfigError(f"fusechat.device_map=auto loads transformers architectures; {local} is a "
+                              f"'{model_type}' model of this repository: set fusechat.device_map=null.")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False,
+                                                dtype=torch_dtype or torch.float32, device_map="auto").eval()
+
+
+def input_device(model) -> torch.device:
+    """Where a model's input ids go: its input embedding's device (the first of a device_map=auto model)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb.weight.device if emb is not None else next(model.parameters()).device
+
+
+def load_fusion_model(cfg, path: Path):
+    """load_model with the run's fusechat.represent_dtype and fusechat.device_map."""
+    fc = cfg.fusechat
+    return load_model(path, fc.get("represent_dtype"), fc.get("device_map"))
 
 
 def model_dir(cfg: DictConfig, run_dir: Path, entry) -> Path:
@@ -144,7 +195,7 @@ def model_config(cfg: DictConfig, entry, run_dir: Path) -> DictConfig:
         if value:
             extra.append(f"{key}={value}")
     return sub_run_config(cfg, "tiny", root=Path(run_dir), run_id=f"model_{entry.name}",
-                          job_type="pretrain",
+                          job_type="pretrain", data_keys=SUB_RUN_DATA_KEYS,
                           overrides=[*_SUB_RUN_SCHEDULE, *extra])
 
 
@@ -153,7 +204,8 @@ def target_config(cfg: DictConfig, run_dir: Path, pivot_path: Path, run_id: str)
     targets (<run_dir>/target_<source>) and the CLM-only baseline (<run_dir>/clm_only)."""
     fc = cfg.fusechat
     job_type = "finetune" if run_id == "clm_only" else "fuse"
-    return sub_run_config(cfg, "tiny", root=Path(run_dir), run_id=run_id, job_type=job_type, overrides=[
+    return sub_run_config(cfg, "tiny", root=Path(run_dir), run_id=run_id, job_type=job_type,
+                          data_keys=SUB_RUN_DATA_KEYS, overrides=[
         *_SUB_RUN_SCHEDULE, f"trainer.max_steps={fc.target_steps}", f"optim.lr={fc.target_lr}",
         f"optim.warmup_steps={cfg.optim.warmup_steps}", f"model.pretrained={pivot_path}",
         f"data.tokenizer={tokenizer_path(fc.pivot, pivot_path)}",

@@ -17,17 +17,22 @@ VOCAB_MAPS = ("min_ed", "exact", "statistics")
 FUSIONS = ("min_ce", "weighted")
 CE_UNITS = ("token", "sequence")
 LOGIT_DTYPE_NAMES = ("float16", "bfloat16", "float32")
+REPRESENT_DTYPES = ("bf16", "fp16", "fp32")
+DEVICE_MAPS = ("auto",)
 EMBEDDED_TOKENIZERS = ("bpe", "unigram")
 # Model names become directory names (model_<name>, target_<name>) and parts of W&B run ids.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # The config keys each stage's output depends on, cumulatively (a stage's output also depends on everything
 # the stages before it read): a change re-runs the stage (recipes.engine.pipeline) and discards its stale files.
-_DATA_KEYS = tuple(f"data.{k}" for k in ("source", "domains", "files", "text_field", "hub_name", "hub_split",
-                                         "max_chars_per_domain", "block_size", "batch_size", "val_fraction"))
+# The data keys the fusion's texts depend on (and that the sub-runs inherit: common.SUB_RUN_DATA_KEYS).
+DATA_TEXT_KEYS = ("source", "domains", "files", "text_field", "hub_name", "hub_config", "hub_split",
+                  "max_chars_per_domain", "block_size", "batch_size", "val_fraction", "format",
+                  "conversations_field", "chat_template", "loss_on")
+_DATA_KEYS = tuple(f"data.{k}" for k in DATA_TEXT_KEYS)
 REPRESENT_KEYS = ("fusechat.pivot", "fusechat.sources", "fusechat.num_blocks", "fusechat.topk",
-                  "fusechat.shard_blocks", "fusechat.logits_dtype", "run.seed", "model.arch", "model.size",
-                  "optim.warmup_steps", *_DATA_KEYS)
+                  "fusechat.shard_blocks", "fusechat.logits_dtype", "fusechat.represent_dtype", "run.seed",
+                  "model.arch", "model.size", "optim.warmup_steps", *_DATA_KEYS)
 ALIGN_KEYS = REPRESENT_KEYS + ("fusechat.vocab_map", "fusechat.ms_min_count", "fusechat.dtw_band",
                                "fusechat.align_preset", "fusechat.align_cost", "fusechat.align_ties",
                                "fusechat.one_to_one", "fusechat.ms_rule")
@@ -69,6 +74,11 @@ class FuseChatConfig:
     shard_blocks: int = 64  # blocks per shard file
     represent_batch_size: int = 16
     logits_dtype: str = "float16"  # stored top-k logits: float16 | bfloat16 | float32
+    # How the represent and merge stages load the models: weights' dtype (null: float32 for a local directory,
+    # transformers' default for a hub name) and placement (null: each model whole on one device; auto:
+    # spread over every visible GPU, then CPU, by accelerate: a source larger than one GPU).
+    represent_dtype: Optional[str] = None  # bf16 | fp16 | fp32 | null
+    device_map: Optional[str] = None  # auto | null
     # align
     vocab_map: str = "min_ed"  # min_ed | exact | statistics
     ms_min_count: int = 1
@@ -176,6 +186,16 @@ def check(cfg) -> None:
           f"fusechat.num_blocks ({fc.num_blocks}) must be >= data.batch_size ({cfg.data.batch_size}): the targets "
           "train on batches of the represented blocks.")
     _one_of("logits_dtype", fc.logits_dtype, LOGIT_DTYPE_NAMES)
+    _need(fc.represent_dtype is None or fc.represent_dtype in REPRESENT_DTYPES,
+          f"fusechat.represent_dtype must be one of {', '.join(REPRESENT_DTYPES)} or null; got '{fc.represent_dtype}'.")
+    _need(fc.device_map is None or fc.device_map in DEVICE_MAPS,
+          f"fusechat.device_map must be auto or null; got '{fc.device_map}'.")
+    if fc.device_map == "auto":
+        import importlib.util
+
+        _need(importlib.util.find_spec("accelerate") is not None,
+              "fusechat.device_map=auto needs the package accelerate (pip install accelerate), which is not "
+              "installed.")
     # align
     _one_of("vocab_map", fc.vocab_map, VOCAB_MAPS)
     _need(fc.ms_min_count >= 1, f"fusechat.ms_min_count must be >= 1, got {fc.ms_min_count}.")

@@ -22,7 +22,7 @@ from recipes.engine.errors import ConfigError
 from recipes.engine.pipeline import fingerprint
 from recipes.engine.runs import write_json_atomic
 
-from .common import device, discard_stale, fusion_datamodule, load_model, load_tokenizer
+from .common import discard_stale, fusion_datamodule, input_device, load_fusion_model, load_tokenizer
 from .common import model_dir as entry_model_dir
 from .config import MERGE_KEYS
 
@@ -64,8 +64,9 @@ def merge_models(method: str, pivot_dir: Path, target_dirs: Sequence[Path], out_
 @torch.no_grad()
 def validation_loss_per_domain(model, dataset, domain_names: Sequence[str], batch_size: int = 32,
                                max_blocks: int = 0) -> Dict[str, float]:
-    """Mean next-token loss per domain (and 'all') over the validation blocks (token-weighted); at most
-    `max_blocks` of them (0: all), spread evenly over the set."""
+    """Mean next-token loss per domain (and 'all') over the validation blocks (token-weighted, over the tokens
+    whose label is not -100: the assistant tokens of masked chat data); at most `max_blocks` of them (0: all),
+    spread evenly over the set."""
     from recipes.engine.module import lm_loss
 
     if max_blocks and max_blocks < len(dataset):
@@ -76,17 +77,20 @@ def validation_loss_per_domain(model, dataset, domain_names: Sequence[str], batc
         indices = list(range(len(dataset)))
     sums = np.zeros(len(domain_names) + 1)
     counts = np.zeros(len(domain_names) + 1)
-    dev = device()
+    dev = input_device(model)
     for start in range(0, len(indices), batch_size):
         items = [dataset[i] for i in indices[start: start + batch_size]]
         ids = torch.stack([x["input_ids"] for x in items]).to(dev)
-        per_tok = lm_loss(model(input_ids=ids).logits, ids, reduction="none")
-        for x, row in zip(items, per_tok):
+        logits = model(input_ids=ids).logits
+        labels = torch.stack([x["labels"] for x in items]).to(logits.device)
+        per_tok = lm_loss(logits, labels, reduction="none")  # 0 where the label is -100
+        counted = (labels[:, 1:] != -100).sum(1)
+        for x, row, n in zip(items, per_tok, counted.tolist()):
             d = int(x["domain"])
             sums[d] += float(row.sum())
-            counts[d] += row.numel()
+            counts[d] += n
             sums[-1] += float(row.sum())
-            counts[-1] += row.numel()
+            counts[-1] += n
     out = {name: float(sums[i] / counts[i]) for i, name in enumerate(domain_names) if counts[i]}
     out["all"] = float(sums[-1] / max(counts[-1], 1))
     return out
@@ -193,7 +197,7 @@ def merge_stage(cfg, run_dir: Path, results: Optional[Dict[str, Any]] = None) ->
             models["clm_only"] = run_dir / "clm_only" / "hf"
         models.update({f"target_{s.name}": d for s, d in zip(fc.sources, target_dirs)})
         models.update({f"merged_{m}": p for m, p in merged.items()})
-        losses = {name: validation_loss_per_domain(load_model(path), dm.val_set, dm.domain_names,
+        losses = {name: validation_loss_per_domain(load_fusion_model(cfg, path), dm.val_set, dm.domain_names,
                                                    fc.eval_batch_size, fc.eval_max_blocks)
                   for name, path in models.items()}
         evaluation = {"val_loss": losses, "domains": list(dm.domain_names), "val_blocks": len(dm.val_set),

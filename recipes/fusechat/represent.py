@@ -4,6 +4,14 @@ The texts are a seeded sample of the pivot's training blocks (`represent/layout.
 pivot block's text in its own tokens. Per block and model, `represent/<name>/shard-NNNNN.safetensors` holds the
 model's input ids, per position the top-k logits and ids (row i predicts token i + 1) and per sequence the mean
 cross-entropy over the predicted tokens. Finished shards are kept, so a cut stage resumes where it stopped.
+
+With a loss mask (chat data, data.loss_on=assistant) the mean cross-entropy covers the predicted tokens that
+count (the assistant turns'), and the pivot's shards hold the mask (`loss_mask`), which the train stage turns
+into labels -100. A source's tokens count where their last character lies in the text of the pivot tokens that
+count (data/chat.py: decoded_spans, token_mask).
+
+Models load with fusechat.represent_dtype (bf16 | fp16 | fp32) and fusechat.device_map (auto: spread over the
+GPUs, for a source larger than one).
 """
 from __future__ import annotations
 
@@ -22,11 +30,11 @@ from recipes.engine.runs import save_safetensors_atomic, write_json_atomic
 from .common import (
     LOGIT_DTYPES,
     RepresentLayout,
-    device,
     discard_stale,
     fusion_datamodule,
+    input_device,
     layout_path,
-    load_model,
+    load_fusion_model,
     load_tokenizer,
     model_config,
     model_dir,
@@ -83,34 +91,42 @@ def choose_layout(cfg, dm, run_dir: Path) -> RepresentLayout:
 
 @torch.no_grad()
 def topk_representation(model, sequences: Sequence[Sequence[int]], pad_id: int, k: int, vocab_limit: int,
-                        max_len: Optional[int] = None) -> Dict[str, torch.Tensor]:
+                        max_len: Optional[int] = None,
+                        masks: Optional[Sequence[Sequence[int]]] = None) -> Dict[str, torch.Tensor]:
     """Run `model` over a batch of token sequences (right-padded); per position the top-k logits and ids
     over the first `vocab_limit` logits (embedding rows past the tokenizer are never a prediction), and per
-    sequence the mean next-token cross-entropy (row i predicts token i + 1). Sequences longer than max_len
-    are cut there (a model with learned positions cannot read further)."""
+    sequence the mean next-token cross-entropy (row i predicts token i + 1) over the predicted tokens whose
+    mask is 1 (`masks`: one 0/1 per token of each sequence, returned as `loss_mask`; None: every token counts).
+    Sequences longer than max_len are cut there (a model with learned positions cannot read further)."""
     seqs = [list(s)[:max_len] if max_len else list(s) for s in sequences]
     lengths = torch.tensor([len(s) for s in seqs])
     width = int(lengths.max())
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    counted = torch.zeros((len(seqs), width), dtype=torch.bool)
     for b, s in enumerate(seqs):
         ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        counted[b, : len(s)] = True if masks is None else torch.as_tensor(np.asarray(masks[b][: len(s)]) != 0)
     positions = torch.arange(width)[None, :]
     attention = (positions < lengths[:, None]).long()
-    dev = device()
-    logits = model(input_ids=ids.to(dev), attention_mask=attention.to(dev)).logits.float()
-    logits = logits[..., :vocab_limit]
+    dev = input_device(model)
+    logits = model(input_ids=ids.to(dev), attention_mask=attention.to(dev)).logits
+    out_dev = logits.device  # the last device of a model spread over several (device_map=auto)
+    logits = logits[..., :vocab_limit].float()
     values, top_ids = logits.topk(min(k, vocab_limit), dim=-1)
     log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-    nll = -log_probs.gather(-1, ids[:, 1:].to(dev).clamp(max=vocab_limit - 1)[..., None])[..., 0]
-    predicted = (positions[:, 1:] < lengths[:, None]).to(dev)
+    nll = -log_probs.gather(-1, ids[:, 1:].to(out_dev).clamp(max=vocab_limit - 1)[..., None])[..., 0]
+    predicted = counted[:, 1:].to(out_dev)
     counts = predicted.sum(1)
     mean_ce = (nll * predicted).sum(1) / counts.clamp(min=1)
-    pad = ~(positions < lengths[:, None]).to(dev)
+    pad = ~(positions < lengths[:, None]).to(out_dev)
     top_ids = top_ids.masked_fill(pad[..., None], -1)
     values = values.masked_fill(pad[..., None], float("-inf"))
-    return {"input_ids": torch.where(attention.bool(), ids, torch.full_like(ids, -1)).int(),
-            "length": lengths.int(), "topk_ids": top_ids.int().cpu(), "topk_logits": values.cpu(),
-            "mean_ce": mean_ce.cpu(), "num_predicted": counts.int().cpu()}
+    out = {"input_ids": torch.where(attention.bool(), ids, torch.full_like(ids, -1)).int(),
+           "length": lengths.int(), "topk_ids": top_ids.int().cpu(), "topk_logits": values.cpu(),
+           "mean_ce": mean_ce.cpu(), "num_predicted": counts.int().cpu()}
+    if masks is not None:
+        out["loss_mask"] = counted.to(torch.uint8)
+    return out
 
 
 def max_positions(model) -> Optional[int]:
@@ -137,10 +153,13 @@ def _concat_padded(parts, key: str, pad, width: int) -> torch.Tensor:
 def _represent_model(cfg, dm, layout: RepresentLayout, entry, model_path: Path, out_dir: Path,
                      todo: Sequence[int]) -> int:
     """Write the shards `todo` of one model; returns how many of its sequences were cut at its max length."""
+    from data.chat import decoded_spans, token_mask
+
     fc = cfg.fusechat
     pivot_tok = dm.tokenizer
-    model = load_model(model_path)
+    model = load_fusion_model(cfg, model_path)
     is_pivot = entry.name == fc.pivot.name
+    masked = dm.train_set.masked
     tok = pivot_tok if is_pivot else load_tokenizer(entry, model_path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     max_len = max_positions(model)
@@ -150,9 +169,21 @@ def _represent_model(cfg, dm, layout: RepresentLayout, entry, model_path: Path, 
                    f"represent {entry.name}", cfg.trainer.progress_bar)
     for shard in todo:
         start, end = layout.shard_range(shard)
-        blocks = [np.asarray(dm.train_set.blocks[i], dtype=np.int64) for i in layout.block_indices[start:end]]
+        chosen = layout.block_indices[start:end]
+        blocks = [np.asarray(dm.train_set.blocks[i], dtype=np.int64) for i in chosen]
+        block_masks = [dm.train_set.loss_mask(i) for i in chosen] if masked else None
+        masks = block_masks
         if is_pivot:
             sequences = [b.tolist() for b in blocks]
+        elif masked:  # the same text in the source's own tokens; its tokens count inside the counted text
+            decoded = [decoded_spans(pivot_tok, b.tolist(), m) for b, m in zip(blocks, block_masks)]
+            if not getattr(tok, "is_fast", False):
+                raise ConfigError(f"fusechat source '{entry.name}': a loss mask (data.loss_on=assistant) needs a fast "
+                                  "tokenizer (character offsets) for the source.")
+            enc = tok([t for t, _ in decoded], add_special_tokens=False, return_offsets_mapping=True)
+            sequences = enc["input_ids"]
+            masks = [token_mask(np.asarray(off, dtype=np.int64).reshape(-1, 2), spans)
+                     for off, (_, spans) in zip(enc["offset_mapping"], decoded)]
         else:  # the same text, in the source's own tokens
             texts = [pivot_tok.decode(b.tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
                      for b in blocks]
@@ -161,11 +192,14 @@ def _represent_model(cfg, dm, layout: RepresentLayout, entry, model_path: Path, 
         parts = []
         for b in range(0, len(sequences), fc.represent_batch_size):
             batch = sequences[b: b + fc.represent_batch_size]
-            parts.append(topk_representation(model, batch, pad_id, fc.topk, vocab_limit, max_len))
+            batch_masks = masks[b: b + fc.represent_batch_size] if masks is not None else None
+            parts.append(topk_representation(model, batch, pad_id, fc.topk, vocab_limit, max_len, batch_masks))
             bar.update(len(batch))
         width = max(int(p["input_ids"].shape[1]) for p in parts)
-        tensors = {key: _concat_padded(parts, key, pad, width)
-                   for key, pad in (("input_ids", -1), ("topk_ids", -1), ("topk_logits", float("-inf")))}
+        padded = [("input_ids", -1), ("topk_ids", -1), ("topk_logits", float("-inf"))]
+        if masked:  # which tokens are targets of the loss (the train stage's labels)
+            padded.append(("loss_mask", 0))
+        tensors = {key: _concat_padded(parts, key, pad, width) for key, pad in padded}
         tensors["topk_logits"] = tensors["topk_logits"].to(LOGIT_DTYPES[fc.logits_dtype])
         for key in ("length", "mean_ce", "num_predicted"):
             tensors[key] = torch.cat([p[key] for p in parts])

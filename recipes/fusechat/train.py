@@ -76,7 +76,9 @@ def fuse_shards(cfg, run_dir: Path, layout: RepresentLayout, source: str) -> Dic
 
 class FusedBlocks(torch.utils.data.Dataset):
     """The represented pivot blocks with their fused targets, read shard by shard from disk (a handle per
-    shard, opened lazily in the reading process) in the block order of the shards."""
+    shard, opened lazily in the reading process) in the block order of the shards. Pivot shards with a
+    `loss_mask` (chat data, data.loss_on=assistant) give labels -100 where it is 0: the CLM and the fusion
+    terms then both count the assistant tokens only."""
 
     def __init__(self, pivot_shards: Sequence[Path], fused_shards: Sequence[Path], shard_blocks: int):
         if len(pivot_shards) != len(fused_shards):
@@ -88,6 +90,7 @@ class FusedBlocks(torch.utils.data.Dataset):
 
         with safe_open(self.pivot_shards[-1], framework="pt") as f:
             last = f.get_slice("block_index").get_shape()[0]
+            self.masked = "loss_mask" in f.keys()
         self._length = (len(pivot_shards) - 1) * shard_blocks + last
         self._handles: Dict[str, Any] = {}
 
@@ -120,7 +123,10 @@ class FusedBlocks(torch.utils.data.Dataset):
         length = int(self._row(self.pivot_shards[shard], "length", row))
         if length != ids.shape[0]:
             raise ValueError(f"Block {i} of {self.pivot_shards[shard]} is not full length ({length}/{ids.shape[0]}).")
-        return {"input_ids": ids, "labels": ids.clone(), "domain": self._row(self.pivot_shards[shard], "domain", row),
+        labels = ids.clone()
+        if self.masked:
+            labels[self._row(self.pivot_shards[shard], "loss_mask", row) == 0] = -100
+        return {"input_ids": ids, "labels": labels, "domain": self._row(self.pivot_shards[shard], "domain", row),
                 "fused_ids": self._row(self.fused_shards[shard], "topk_ids", row).long(),
                 "fused_logits": self._row(self.fused_shards[shard], "topk_logits", row).float()}
 
