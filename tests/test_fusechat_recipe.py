@@ -22,7 +22,7 @@ from recipes.engine.runs import load_safetensors
 from recipes.fusechat import represent
 
 
-def _save_model(out: Path, kind: str, vocab_size: int, seed: int) -> Path:
+def save_tiny_model(out: Path, kind: str, vocab_size: int, seed: int) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     from data.corpus import embedded_documents
@@ -46,12 +46,12 @@ def _save_model(out: Path, kind: str, vocab_size: int, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("fusechat_models")
-    return {"pivot": _save_model(root / "pivot", "bpe", 400, 0),
-            "code": _save_model(root / "code", "unigram", 520, 1),
-            "legal": _save_model(root / "legal", "bpe", 460, 2)}
+    return {"pivot": save_tiny_model(root / "pivot", "bpe", 400, 0),
+            "code": save_tiny_model(root / "code", "unigram", 520, 1),
+            "legal": save_tiny_model(root / "legal", "bpe", 460, 2)}
 
 
-def _overrides(tiny_overrides, models, extra=()):
+def fc_overrides(tiny_overrides, models, extra=()):
     sources = ", ".join(f"{{name: {n}, tokenizer: null, steps: 0, pretrained: '{models[n]}'}}"
                         for n in ("code", "legal"))
     return tiny_overrides + [
@@ -66,7 +66,7 @@ def _mtimes(paths):
 
 
 def test_cut_represent_resumes_without_recomputing_finished_shards(tiny_overrides, tiny_models, tmp_path, monkeypatch):
-    cfg = load_config("fusechat", _overrides(tiny_overrides, tiny_models))
+    cfg = load_config("fusechat", fc_overrides(tiny_overrides, tiny_models))
     run_dir = tmp_path / "fc"
     real = represent.topk_representation
     calls = {"n": 0, "blocks": 0}
@@ -113,7 +113,7 @@ def test_cut_represent_resumes_without_recomputing_finished_shards(tiny_override
 def test_fuse_command_continues_a_run_with_its_saved_settings(tiny_overrides, tiny_models, tmp_path):
     from recipes.engine.runs import load_run_config
 
-    assert fusechat.main(["--stage", "represent", *_overrides(tiny_overrides, tiny_models), "run.run_id=cli"]) == 0
+    assert fusechat.main(["--stage", "represent", *fc_overrides(tiny_overrides, tiny_models), "run.run_id=cli"]) == 0
     run_dir = tmp_path / "runs" / "fusechat" / "cli"
     assert (run_dir / "stages" / "represent.json").exists() and not (run_dir / "align").exists()
     # the next stage needs only the run directory: its config.yaml holds the settings
@@ -156,7 +156,7 @@ def test_alignment_choices_default_to_ours_and_the_paper_preset_is_all_official(
     from recipes.fusechat.config import align_options
 
     def options(*extra):
-        return align_options(load_config("fusechat", _overrides(tiny_overrides, tiny_models, list(extra))).fusechat)
+        return align_options(load_config("fusechat", fc_overrides(tiny_overrides, tiny_models, list(extra))).fusechat)
 
     ours = {"cost": "containment_discount", "ties": "source_first", "one_to_one": "group", "ms_rule": "ours"}
     assert options() == ours  # the recipe's default (measured better: README)
@@ -171,7 +171,7 @@ def test_align_stage_follows_the_alignment_options(tiny_overrides, tiny_models, 
     from recipes.fusechat.align import vocab_list
     from recipes.fusechat.config import align_options
 
-    cfg = load_config("fusechat", _overrides(tiny_overrides, tiny_models, [
+    cfg = load_config("fusechat", fc_overrides(tiny_overrides, tiny_models, [
         f"fusechat.align_preset={preset}", "fusechat.vocab_map=statistics"]))
     options = align_options(cfg.fusechat)
     assert options == {"paper": {"cost": "paper", "ties": "paper", "one_to_one": "paper", "ms_rule": "paper"},
@@ -208,7 +208,7 @@ def test_align_stage_follows_the_alignment_options(tiny_overrides, tiny_models, 
 def test_represent_outputs_match_an_independent_forward(tiny_overrides, tiny_models, tmp_path):
     from models.factory import load_pretrained
 
-    cfg = load_config("fusechat", _overrides(tiny_overrides, tiny_models))
+    cfg = load_config("fusechat", fc_overrides(tiny_overrides, tiny_models))
     run_dir = tmp_path / "fc"
     fusechat.run_stages(cfg, run_dir, ["represent"])
     layout = json.loads((run_dir / "represent" / "layout.json").read_text())
@@ -245,7 +245,7 @@ def test_pipeline_end_to_end_merged_model_loads_and_generates(tiny_overrides, ti
     from recipes.engine.build import build_base_model, build_datamodule
 
     # W&B offline: every sub-run gets a W&B run of its own (see the end of the test)
-    cfg = load_config("fusechat", _overrides(tiny_overrides, tiny_models, ["fusechat.task_arithmetic_lam=1.0",
+    cfg = load_config("fusechat", fc_overrides(tiny_overrides, tiny_models, ["fusechat.task_arithmetic_lam=1.0",
                                                                            "logging.wandb=offline"]))
     run_dir = tmp_path / "fc"
     summary = fusechat.run(cfg, run_dir)
@@ -312,7 +312,7 @@ def test_pipeline_end_to_end_merged_model_loads_and_generates(tiny_overrides, ti
 
     # a changed merge option re-runs the merge stage alone, and its outputs are made again
     ties_before = load_file(str(run_dir / "merged_ties" / "model.safetensors"))
-    cfg = load_config("fusechat", _overrides(tiny_overrides, tiny_models, ["fusechat.task_arithmetic_lam=1.0",
+    cfg = load_config("fusechat", fc_overrides(tiny_overrides, tiny_models, ["fusechat.task_arithmetic_lam=1.0",
                                                                            "logging.wandb=offline",
                                                                            "fusechat.ties_density=0.2"]))
     third = fusechat.run(cfg, run_dir)
@@ -361,11 +361,11 @@ def test_config_errors_are_clear(tiny_overrides, tiny_models):
         trains = override.startswith("fusechat.pivot.steps")
         extra = [override] + (["fusechat.pivot.domains=[python]"] if trains else [])
         with pytest.raises(ConfigError, match=re.escape(message)) as info:
-            load_config("fusechat", _overrides(tiny_overrides, tiny_models, extra))
+            load_config("fusechat", fc_overrides(tiny_overrides, tiny_models, extra))
         assert "\n" not in str(info.value)
-    assert fusechat.main(["--stage", "distil"] + _overrides(tiny_overrides, tiny_models)) == 2
+    assert fusechat.main(["--stage", "distil"] + fc_overrides(tiny_overrides, tiny_models)) == 2
     # a stage after represent continues a run: it needs the run directory
-    assert fusechat.main(["--stage", "align"] + _overrides(tiny_overrides, tiny_models)) == 2
+    assert fusechat.main(["--stage", "align"] + fc_overrides(tiny_overrides, tiny_models)) == 2
 
 
 def test_model_sub_runs_inherit_the_run_and_live_in_its_directory(tiny_overrides, tmp_path):

@@ -121,7 +121,10 @@ def _config_and_run_dir(stage: str, run_dir: Optional[Path], overrides: List[str
 def main(argv: Optional[List[str]] = None) -> int:
     """python -m recipes fuse: run one stage of the FuseChat pipeline, or all of them."""
     from recipes.engine.errors import ConfigError
+    from recipes.engine.loop import RunInterrupted
     from recipes.engine.runs import save_run_config, write_json_atomic
+
+    from .common import ranks
 
     parser = argparse.ArgumentParser(
         prog="python -m recipes fuse",
@@ -143,13 +146,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             summary = run(cfg, run_dir)
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_run_config(cfg, run_dir / "config.yaml")
+            first = ranks().rank == 0  # the other tasks of a multi-task run (srun, torchrun) share its files
+            if first:
+                save_run_config(cfg, run_dir / "config.yaml")
             summary = run_stages(cfg, run_dir, [args.stage])
-            if summary is not None:
+            if summary is not None and first:
                 write_json_atomic(run_dir / "summary.json", summary)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunInterrupted as e:  # SIGUSR1 / SIGTERM outside a training (common.check_signals)
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code
     if summary is not None and "merge" in summary:
         from .merge import evaluation_table
 

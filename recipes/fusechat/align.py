@@ -25,15 +25,18 @@ from recipes.engine.runs import load_safetensors, save_safetensors_atomic
 from .common import (
     LOGIT_DTYPES,
     RepresentLayout,
+    check_signals,
     discard_stale,
     load_tokenizer,
     model_dir,
+    my_shards,
     progress,
-    rank_world,
+    ranks,
     read_layout,
     represent_shards,
     shard_name,
     tokenizer_kind,
+    wait_for_files,
 )
 from .config import ALIGN_KEYS, align_options
 
@@ -96,6 +99,7 @@ def _match_shards(cfg, layout: RepresentLayout, pivot_paths, src_paths, out_dir:
     bar = progress(sum(layout.shard_range(s)[1] - layout.shard_range(s)[0] for s in todo), f"align {name}",
                    cfg.trainer.progress_bar)
     for s in todo:
+        check_signals(f"the align stage ({name}, match shard {s})")
         piv, src = load_safetensors(pivot_paths[s]), load_safetensors(src_paths[s])
         tensors = match_shard(piv, src, pivot_tok, src_tok, options, cfg.fusechat.dtw_band)
         bar.update(int(piv["input_ids"].shape[0]))
@@ -143,6 +147,7 @@ def _dist_shards(cfg, pivot_paths, src_paths, match_paths, vmap: np.ndarray, out
     fc = cfg.fusechat
     matched = total = 0
     for s in todo:
+        check_signals(f"the align stage (dist shard {s})")
         piv, src, match = (load_safetensors(pivot_paths[s]), load_safetensors(src_paths[s]),
                            load_safetensors(match_paths[s]))
         n, width = piv["input_ids"].shape
@@ -166,21 +171,21 @@ def _dist_shards(cfg, pivot_paths, src_paths, match_paths, vmap: np.ndarray, out
 def align_source(cfg, run_dir: Path, layout: RepresentLayout, entry, pivot_tok) -> Dict[str, Any]:
     """All three steps for one source (each resuming the shards it has not finished)."""
     fc = cfg.fusechat
-    rank, world = rank_world()
     out_dir = Path(run_dir) / "align" / entry.name
     out_dir.mkdir(parents=True, exist_ok=True)
     pivot_paths = represent_shards(run_dir, fc.pivot.name, layout)
     src_paths = represent_shards(run_dir, entry.name, layout)
     src_tok = load_tokenizer(entry, model_dir(cfg, run_dir, entry))
-    todo = [s for s in range(layout.num_shards)
-            if s % world == rank and not (out_dir / shard_name("match", s)).exists()]
+    mine = my_shards(layout.num_shards)  # CPU work: every task takes a share
+    todo = [s for s in mine if not (out_dir / shard_name("match", s)).exists()]
     _match_shards(cfg, layout, pivot_paths, src_paths, out_dir, todo, pivot_tok, src_tok, entry.name)
     match_paths = [out_dir / shard_name("match", s) for s in range(layout.num_shards)]
-    if any(not p.exists() for p in match_paths):  # another rank's share is still running
-        return {"complete": False}
+    wait_for_files(match_paths, f"the match shards of {entry.name}")  # the other tasks' shares
     stats: Dict[str, Any] = {}
     map_path = out_dir / f"vocab_map-{fc.vocab_map}.npy"
     src_width = len(src_tok)  # represent keeps top-k ids below the tokenizer's size
+    if ranks().rank != 0:  # global rank 0 makes the map; the other tasks read it
+        wait_for_files([map_path], f"the vocabulary map of {entry.name}")
     if not map_path.exists():
         t0 = time.perf_counter()
         vmap = _vocab_map(cfg, layout, pivot_paths, src_paths, match_paths, pivot_tok, src_tok)
@@ -192,16 +197,15 @@ def align_source(cfg, run_dir: Path, layout: RepresentLayout, entry, pivot_tok) 
     vmap = np.load(map_path)
     if len(vmap) < src_width:
         vmap = np.concatenate([vmap, np.full(src_width - len(vmap), -1, dtype=np.int64)])
-    todo = [s for s in range(layout.num_shards)
-            if s % world == rank and not (out_dir / shard_name("dist", s)).exists()]
+    todo = [s for s in mine if not (out_dir / shard_name("dist", s)).exists()]
     matched, total = _dist_shards(cfg, pivot_paths, src_paths, match_paths, vmap, out_dir, todo)
-    complete = all((out_dir / shard_name("dist", s)).exists() for s in range(layout.num_shards))
-    stats.update(complete=complete, shards_computed=len(todo),
+    wait_for_files([out_dir / shard_name("dist", s) for s in range(layout.num_shards)],
+                   f"the dist shards of {entry.name}")
+    stats.update(shards_computed=len(todo),
                  vocab_mapped_fraction=float((vmap[:src_width] >= 0).mean()), **align_options(fc))
     if total:
         stats["one_to_one_fraction"] = matched / total
-    if complete:
-        stats.update(text_agreement_fractions(match_paths))
+    stats.update(text_agreement_fractions(match_paths))
     return stats
 
 
@@ -230,9 +234,5 @@ def align_stage(cfg, run_dir: Path, results: Optional[Dict[str, Any]] = None) ->
     discard_stale(run_dir, "align", fingerprint(cfg, ALIGN_KEYS), [Path(run_dir) / "align"])
     pivot_tok = load_tokenizer(fc.pivot, model_dir(cfg, run_dir, fc.pivot))
     stats: Dict[str, Any] = {e.name: align_source(cfg, run_dir, layout, e, pivot_tok) for e in fc.sources}
-    if not all(s["complete"] for s in stats.values()):  # other ranks' shares: the next run finds them
-        print(f"[fusechat] align: rank {rank_world()[0]} finished its shards; run the stage again once all ranks "
-              "have.", flush=True)
-        return None
     stats["seconds"] = time.perf_counter() - t0
     return {"align": stats}

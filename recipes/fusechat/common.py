@@ -1,5 +1,6 @@
 """What the FuseChat stages share: the run directory's layout, the sub-runs' configs, models and tokenizers,
-shard files, and the rule that discards outputs made with other settings.
+shard files, the rule that discards outputs made with other settings, and the tasks of a run started by srun or
+torchrun (`ranks`): which shards a task computes (`my_shards`) and how it waits for the others' (`wait_for_files`).
 
 Run directory (`<run_dir>` below; every sub-run directory is a direct child, so its W&B id
 `<run_dir name>-<sub-run>` differs from one FuseChat run to the next):
@@ -18,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -50,9 +52,140 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:05d}.safetensors"
 
 
+# --------------------------------------------------------------------------------------------- tasks
+
+# Seconds a task waits for other tasks' files without any new one appearing before it gives up (default 4 h:
+# one shard of a large source, plus loading it, takes far less).
+WAIT_TIMEOUT_ENV = "FUSECHAT_WAIT_TIMEOUT"
+DEFAULT_WAIT_TIMEOUT = 4 * 3600.0
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the tasks that run the pipeline together: every task runs every stage,
+    the sharded work is split between them and each waits for the others' files (`wait_for_files`)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    node: int = 0
+    nodes: int = 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value != "" else default
+    except ValueError:
+        raise ConfigError(f"environment variable {name}='{value}' is not an integer.") from None
+
+
+def ranks() -> Ranks:
+    """The tasks of this run, as Lightning's training sees them: torchrun's RANK / WORLD_SIZE / LOCAL_RANK /
+    LOCAL_WORLD_SIZE / GROUP_RANK when torchrun started the process (TORCHELASTIC_RUN_ID set; Lightning's own
+    launcher and its DeepSpeed strategy set RANK / WORLD_SIZE in processes that stay one task), else srun's
+    SLURM_PROCID / SLURM_STEP_NUM_TASKS (or SLURM_NTASKS) / SLURM_LOCALID / SLURM_NODEID / SLURM_STEP_NUM_NODES
+    (or SLURM_NNODES) inside a job step (SLURM_STEP_ID set: not the batch script itself), except under the job
+    names Lightning treats as interactive (bash, interactive); else one task."""
+    env = os.environ
+    if all(k in env for k in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE")):
+        rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+        local_world = max(1, _env_int("LOCAL_WORLD_SIZE", world))
+        return Ranks(rank, world, _env_int("LOCAL_RANK", 0), _env_int("GROUP_RANK", rank // local_world),
+                     max(1, -(-world // local_world)))
+    in_step = ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env) and "SLURM_PROCID" in env
+    if in_step and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        world = _env_int("SLURM_STEP_NUM_TASKS", _env_int("SLURM_NTASKS", 1))
+        if world > 1:
+            nodes = _env_int("SLURM_STEP_NUM_NODES", _env_int("SLURM_NNODES", _env_int("SLURM_JOB_NUM_NODES", 1)))
+            return Ranks(_env_int("SLURM_PROCID", 0), world, _env_int("SLURM_LOCALID", 0),
+                         _env_int("SLURM_NODEID", 0), max(1, nodes))
+    return Ranks()
+
+
 def rank_world() -> Tuple[int, int]:
-    """Shards are split round-robin over RANK / WORLD_SIZE (torchrun's variables) when set."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """(rank, world) of `ranks()`."""
+    r = ranks()
+    return r.rank, r.world
+
+
+def my_shards(num_shards: int, per_node: bool = False) -> List[int]:
+    """The shards this task computes, round-robin. per_node (models spread over all of a node's GPUs,
+    fusechat.device_map=auto): the unit is a node, and only its local rank 0 computes (the node's other
+    tasks get none); else every task is a unit."""
+    r = ranks()
+    if per_node:
+        return [s for s in range(num_shards) if s % r.nodes == r.node] if r.local_rank == 0 else []
+    return [s for s in range(num_shards) if s % r.world == r.rank]
+
+
+def wait_timeout() -> float:
+    value = os.environ.get(WAIT_TIMEOUT_ENV, "")
+    try:
+        seconds = float(value) if value else DEFAULT_WAIT_TIMEOUT
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"{WAIT_TIMEOUT_ENV} must be a positive number of seconds; got '{value}'.")
+    return seconds
+
+
+def check_signals(where: str) -> None:
+    """End this process when SLURM's SIGUSR1 or SIGTERM has arrived (the command line records them instead of
+    dying, recipes.engine.early_signals): outside a training nothing needs saving, finished shards are whole
+    files. Global rank 0 asks SLURM to requeue the job, as a training would; raises RunInterrupted."""
+    from recipes.engine.early_signals import EARLY_SIGNALS
+
+    if not EARLY_SIGNALS:
+        return
+    import signal
+
+    from recipes.engine.loop import RunInterrupted
+
+    name, at = EARLY_SIGNALS[0]
+    EARLY_SIGNALS.clear()
+    requeued = False
+    if name in ("SIGUSR1", "SIGTERM") and ranks().rank == 0:
+        from recipes.engine.callbacks import requeue_slurm_job
+
+        requeued = requeue_slurm_job()
+    how = "SLURM requeued the job: it resumes by itself" if requeued else "run it again (make resume RUN=<run_dir>)"
+    code = 0 if requeued else 128 + int(getattr(signal, name))
+    raise RunInterrupted(f"{name} during {where}: finished shards are kept; {how}.", code,
+                         {"signal": name, "received_at": at, "requeued": requeued, "where": where})
+
+
+def wait_for_files(paths: Sequence[Path], what: str, poll_s: float = 0.5, report_s: float = 30.0) -> None:
+    """Block until every file in `paths` exists: the outputs other tasks of this run write (each under its
+    final name only when whole). A line every `report_s` says how many are missing; SIGUSR1 / SIGTERM end the
+    wait at once (check_signals); no new file for FUSECHAT_WAIT_TIMEOUT seconds is an error naming the
+    missing files."""
+    missing = [Path(p) for p in paths if not Path(p).exists()]
+    if not missing:
+        return
+    r, timeout = ranks(), wait_timeout()
+    start = last_new = last_report = time.monotonic()
+    while missing:
+        check_signals(f"the wait for {what}")
+        now = time.monotonic()
+        if now - last_new > timeout:
+            raise ConfigError(f"{what}: task {r.rank} of {r.world} saw no new file for {timeout:g} s "
+                              f"({WAIT_TIMEOUT_ENV}); missing {len(missing)} of {len(paths)}: "
+                              f"{_names(missing)}. Another task failed or hangs; finished files are kept.")
+        if now - last_report >= report_s:
+            print(f"[fusechat] task {r.rank} of {r.world}: waiting for {what}, {len(paths) - len(missing)} of "
+                  f"{len(paths)} there after {now - start:.0f} s; missing {_names(missing)}", flush=True)
+            last_report = now
+        time.sleep(poll_s)
+        still = [p for p in missing if not p.exists()]
+        if len(still) < len(missing):
+            last_new = time.monotonic()
+        missing = still
+
+
+def _names(paths: Sequence[Path], limit: int = 6) -> str:
+    shown = [f"{p.parent.name}/{p.name}" for p in paths[:limit]]
+    return ", ".join(shown) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def progress(total: int, desc: str, enabled: bool):
@@ -89,7 +222,11 @@ def discard_stale(run_dir: Path, output: str, settings: str, paths: Sequence[Pat
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This task's device: the GPU of its local rank on the node (`ranks`; modulo the GPUs it sees, one when
+    SLURM binds a GPU per task), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", ranks().local_rank % torch.cuda.device_count())
 
 
 MODEL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -240,8 +377,10 @@ def _finish_wandb_run() -> None:
 
 def train_and_export(sub_cfg: DictConfig, stage_dir: Path, **train_kwargs) -> Optional[Path]:
     """Train (or resume, or skip) the sub-run `sub_cfg` in stage_dir and export it to stage_dir/hf; returns
-    that directory, or None on a process other than global rank 0 of a multi-process training (rank 0 alone
-    exports and goes on). `train_kwargs` go to recipes.engine.loop.train (module_cls, module_kwargs, train_set)."""
+    that directory. Global rank 0 exports; the other tasks of the run (`ranks`: srun, torchrun) wait for the
+    export and go on, while a process that Lightning's launcher started for this training (trainer.devices > 1
+    without srun or torchrun) gets None and ends. `train_kwargs` go to recipes.engine.loop.train (module_cls,
+    module_kwargs, train_set)."""
     from recipes.engine.checkpointing import newest_checkpoint
     from recipes.engine.export import export
     from recipes.engine.loop import train
@@ -255,7 +394,10 @@ def train_and_export(sub_cfg: DictConfig, stage_dir: Path, **train_kwargs) -> Op
         train(sub_cfg, run_dir=stage_dir, resume=newest_checkpoint(stage_dir) is not None, **train_kwargs)
     finally:
         _finish_wandb_run()
-    if _global_rank() != 0:
+    if ranks().world > 1 and ranks().rank != 0:  # every task goes on with the model global rank 0 exports
+        wait_for_files([hf / "config.json"], f"the export of {stage_dir.name}")
+        return hf
+    if _global_rank() != 0:  # a process Lightning started for this training only: it ends here
         return None
     summary = stage_dir / "summary.json"
     if not summary.exists() or json.loads(summary.read_text()).get("step", -1) < sub_cfg.trainer.max_steps:

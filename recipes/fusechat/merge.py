@@ -22,7 +22,7 @@ from recipes.engine.errors import ConfigError
 from recipes.engine.pipeline import fingerprint
 from recipes.engine.runs import write_json_atomic
 
-from .common import discard_stale, fusion_datamodule, input_device, load_fusion_model, load_tokenizer
+from .common import discard_stale, fusion_datamodule, input_device, load_fusion_model, load_tokenizer, ranks
 from .common import model_dir as entry_model_dir
 from .config import MERGE_KEYS
 
@@ -164,9 +164,12 @@ def headline(evaluation: Dict[str, Any]) -> Dict[str, float]:
             for model, losses in evaluation.get("val_loss", {}).items() for domain, value in losses.items()}
 
 
-def merge_stage(cfg, run_dir: Path, results: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def merge_stage(cfg, run_dir: Path, results: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
     """Merge the targets (fusechat.merge_method -> merged/, the compared methods -> merged_<m>/) and
-    evaluate every model on the pivot's validation blocks per domain."""
+    evaluate every model on the pivot's validation blocks per domain. Global rank 0 alone (with device_map
+    auto each model takes all of a node's GPUs); the run's other tasks end here (None)."""
+    if ranks().rank != 0:
+        return None
     fc = cfg.fusechat
     t0 = time.perf_counter()
     run_dir = Path(run_dir)

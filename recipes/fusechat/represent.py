@@ -12,13 +12,17 @@ count (data/chat.py: decoded_spans, token_mask).
 
 Models load with fusechat.represent_dtype (bf16 | fp16 | fp32) and fusechat.device_map (auto: spread over the
 GPUs, for a source larger than one).
+
+Several tasks (srun's or torchrun's, common.ranks) split the shards round-robin: with device_map null every task
+computes its share on its own GPU; with device_map auto the unit is a node, whose local rank 0 alone computes
+with all the node's GPUs. Every task then waits for all shards (common.wait_for_files) and goes on.
 """
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ from recipes.engine.runs import save_safetensors_atomic, write_json_atomic
 from .common import (
     LOGIT_DTYPES,
     RepresentLayout,
+    check_signals,
     discard_stale,
     fusion_datamodule,
     input_device,
@@ -38,20 +43,22 @@ from .common import (
     load_tokenizer,
     model_config,
     model_dir,
+    my_shards,
     progress,
-    rank_world,
+    ranks,
     shard_name,
     sub_run_settings,
     tokenizer_kind,
     train_and_export,
+    wait_for_files,
 )
 from .config import REPRESENT_KEYS
 
 
 def ensure_models(cfg, run_dir: Path) -> Optional[Dict[str, Path]]:
     """name -> save_pretrained directory (with tokenizer) of the pivot and every source; trains what is
-    missing (a sub-run trained with other settings than now is trained again). None on a process other than
-    rank 0 of a multi-process training."""
+    missing (a sub-run trained with other settings than now is trained again). None on a process that
+    Lightning's launcher started for a training (common.train_and_export)."""
     out: Dict[str, Path] = {}
     for entry in [cfg.fusechat.pivot] + list(cfg.fusechat.sources):
         if entry.steps == 0:
@@ -193,6 +200,7 @@ def _represent_model(cfg, dm, layout: RepresentLayout, entry, model_path: Path, 
         for b in range(0, len(sequences), fc.represent_batch_size):
             batch = sequences[b: b + fc.represent_batch_size]
             batch_masks = masks[b: b + fc.represent_batch_size] if masks is not None else None
+            check_signals(f"the represent stage ({entry.name}, shard {shard})")
             parts.append(topk_representation(model, batch, pad_id, fc.topk, vocab_limit, max_len, batch_masks))
             bar.update(len(batch))
         width = max(int(p["input_ids"].shape[1]) for p in parts)
@@ -207,7 +215,7 @@ def _represent_model(cfg, dm, layout: RepresentLayout, entry, model_path: Path, 
         tensors["block_index"] = index
         tensors["domain"] = torch.as_tensor(np.asarray(dm.train_set.domains)[index.numpy()], dtype=torch.long)
         save_safetensors_atomic(out_dir / shard_name("shard", shard), tensors,
-                                {"model": str(model_path), "kind": tokenizer_kind(tok)})
+                                {"model": str(model_path), "kind": tokenizer_kind(tok), "task": str(ranks().rank)})
     bar.close()
     del model
     return truncated
@@ -218,27 +226,32 @@ def represent_stage(cfg, run_dir: Path, results: Optional[Dict[str, Any]] = None
     fc = cfg.fusechat
     t0 = time.perf_counter()
     models = ensure_models(cfg, run_dir)
-    if models is None:  # a process other than rank 0 of a multi-process training: rank 0 goes on
+    if models is None:  # a process Lightning started for a training: the launching process goes on
         return None
     stats: Dict[str, Any] = {"models_seconds": time.perf_counter() - t0}
     discard_stale(run_dir, "represent", fingerprint(cfg, REPRESENT_KEYS), [Path(run_dir) / "represent"])
     dm = fusion_datamodule(cfg, run_dir, models[fc.pivot.name])
     layout = choose_layout(cfg, dm, run_dir)
-    rank, world = rank_world()
-    complete = True
+    r = ranks()
+    per_node = fc.get("device_map") == "auto"  # a model spread over all of a node's GPUs: one task per node
+    mine = my_shards(layout.num_shards, per_node)
+    every: List[Path] = []
     for entry in [fc.pivot] + list(fc.sources):
         out_dir = Path(run_dir) / "represent" / entry.name
         out_dir.mkdir(parents=True, exist_ok=True)
-        todo = [s for s in range(layout.num_shards)
-                if s % world == rank and not (out_dir / shard_name("shard", s)).exists()]
+        todo = [s for s in mine if not (out_dir / shard_name("shard", s)).exists()]
         stats[entry.name] = {"shards_computed": len(todo), "shards_total": layout.num_shards}
+        if r.world > 1:
+            print(f"[fusechat] task {r.rank} of {r.world} (node {r.node}, local {r.local_rank}): represent "
+                  f"{entry.name}: computing shards {todo} of {layout.num_shards}", flush=True)
         if todo:
             stats[entry.name]["sequences_truncated"] = _represent_model(cfg, dm, layout, entry, models[entry.name],
                                                                         out_dir, todo)
-        complete &= all((out_dir / shard_name("shard", s)).exists() for s in range(layout.num_shards))
-    if not complete:  # other ranks' shares are still running: the next run of this stage finds them
-        print(f"[fusechat] represent: rank {rank} of {world} finished its shards; run the stage again once all "
-              "ranks have.", flush=True)
-        return None
+        every += [out_dir / shard_name("shard", s) for s in range(layout.num_shards)]
+    if r.world > 1:  # the other tasks' shares: every task goes on to the next stage with all shards
+        stats["task"] = {"rank": r.rank, "world": r.world, "unit": "node" if per_node else "task"}
+        wait_for_files(every, "the represent shards")
+        print(f"[fusechat] task {r.rank} of {r.world}: represent finished, all {len(every)} shards there",
+              flush=True)
     stats["seconds"] = time.perf_counter() - t0
     return {"recipe": cfg.run.name, "run_dir": str(run_dir), "represent": stats}

@@ -23,16 +23,26 @@ from recipes.engine.runs import load_safetensors, save_safetensors_atomic
 
 from .common import (
     RepresentLayout,
+    check_signals,
     discard_stale,
     fusion_datamodule,
     model_dir,
+    my_shards,
     read_layout,
     represent_shards,
     shard_name,
     target_config,
     train_and_export,
+    wait_for_files,
 )
 from .config import TRAIN_KEYS
+
+
+def _read_tensor(path: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)
 
 
 def fuse_shards(cfg, run_dir: Path, layout: RepresentLayout, source: str) -> Dict[str, Any]:
@@ -46,11 +56,11 @@ def fuse_shards(cfg, run_dir: Path, layout: RepresentLayout, source: str) -> Dic
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_sum = np.zeros(len(layout.domain_names))
     count = np.zeros(len(layout.domain_names))
-    for s in range(layout.num_shards):
-        path = out_dir / shard_name("shard", s)
-        if path.exists():
-            choice = load_safetensors(path)["choice"]
-        else:
+    paths = [out_dir / shard_name("shard", s) for s in range(layout.num_shards)]
+    for s in my_shards(layout.num_shards):  # this task's share; the others' are waited for below
+        path = paths[s]
+        if not path.exists():
+            check_signals(f"the train stage (fusing {source}, shard {s})")
             dist = Path(run_dir) / "align" / source / shard_name("dist", s)
             if not dist.exists():
                 raise ConfigError(f"{dist} is missing: run the align stage first.")
@@ -67,7 +77,9 @@ def fuse_shards(cfg, run_dir: Path, layout: RepresentLayout, source: str) -> Dic
                 choice = torch.softmax(-ces, dim=0)[1]  # the source's weight per sequence
             save_safetensors_atomic(path, {"topk_ids": ids.int(), "topk_logits": logits.float(),
                                            "choice": choice.float()})
-        domains = load_safetensors(pivot_paths[s])["domain"].numpy()
+    wait_for_files(paths, f"the fused shards of {source}")
+    for s, path in enumerate(paths):
+        choice, domains = _read_tensor(path, "choice"), _read_tensor(pivot_paths[s], "domain").numpy()
         np.add.at(weight_sum, domains, choice.double().numpy())
         np.add.at(count, domains, 1)
     share = {name: float(weight_sum[i] / count[i]) for i, name in enumerate(layout.domain_names) if count[i]}
@@ -193,7 +205,7 @@ def train_stage(cfg, run_dir: Path, results: Optional[Dict[str, Any]] = None) ->
     for fused_source, run_id, lam in runs:
         fused = [run_dir / "fused" / fused_source / shard_name("shard", s) for s in range(layout.num_shards)]
         hf = train_target(cfg, run_dir, run_id, FusedBlocks(pivot_shards, fused, layout.shard_blocks), lam)
-        if hf is None:  # a process other than rank 0 of a multi-process training: rank 0 goes on
+        if hf is None:  # a process Lightning started for this training: the launching process goes on
             return None
         stats.setdefault(run_id if run_id == "clm_only" else fused_source, {})["model"] = str(hf)
     stats["seconds"] = time.perf_counter() - t0
