@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import models.moe.experts as moe_experts
 from models.moe import (
     MoEConfig,
     NullExpertRouter,
@@ -544,6 +545,58 @@ def test_grouped_mm_equals_loop_with_empty_expert_null_tokens_and_drops():
     # independent reference: the per-token loop of the test helpers, in float64
     ref = naive_moe_output(loop.double(), x.double(), idx, rec["topk_weights"].double())
     torch.testing.assert_close(out_g.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl,hidden,inter,dtype,block_elements", [
+    # routing weight on the hidden (I < d) / on the output; gate and up projected apart (I*8 B not a multiple
+    # of 64) or together (I = 16)
+    ("loop", 6, 5, torch.float64, None), ("loop", 5, 9, torch.float64, None), ("loop", 8, 16, torch.float64, None),
+    # grouped_mm: all experts in one block / one block per expert / blocks of a few experts
+    ("grouped_mm", 8, 4, torch.float32, None), ("grouped_mm", 4, 12, torch.float32, None),
+    ("grouped_mm", 8, 4, torch.float32, 1), ("grouped_mm", 8, 4, torch.float32, 90)])
+def test_fused_experts_gradients_equal_autograd_of_the_naive_loop(impl, hidden, inter, dtype, block_elements,
+                                                                    monkeypatch):
+    """The one-node expert computation (hand-written backward) against autograd through the per-token loop
+    of the test helpers in float64, with null experts and capacity drops: output and every gradient; then
+    with frozen experts and an input that needs no gradient (only the router trains)."""
+    if block_elements is not None:
+        monkeypatch.setattr(moe_experts, "_BLOCK_ELEMENTS", block_elements)
+    torch.manual_seed(5)
+    cfg = MoEConfig(hidden_size=hidden, intermediate_size=inter, num_experts=4, num_null_experts=2, top_k=3,
+                    null_gate_init="random", init_std=0.5, capacity_factor=0.5, expert_impl=impl)
+    block = SparseMoEBlock(cfg).to(dtype)
+    x = torch.randn(14, hidden, dtype=dtype)
+    grad = torch.randn_like(x)
+    out, gx, gp = run_with_grads(block, x, grad)
+    assert block.experts._fusable(x) and block.experts.last_impl == impl
+    rec = block.last_routing
+    assert rec["dropped"].any() and (rec["topk_indices"] >= 4).any()  # drops and null slots both happen
+    kept = rec["topk_indices"][~rec["dropped"] & (rec["topk_indices"] < 4)]
+    blocks = moe_experts._expert_blocks(torch.bincount(kept, minlength=4).tolist(), impl == "grouped_mm",
+                                        max(2 * inter, hidden))
+    sizes = sorted(e1 - e0 for e0, e1, _, _ in blocks)
+    assert sizes == {None: [4], 1: [1, 1, 1, 1], 90: [1, 1, 2]}[block_elements] if impl == "grouped_mm" \
+        else sizes == [1, 1, 1, 1]
+
+    ref_block = SparseMoEBlock(cfg).double()
+    ref_block.load_state_dict(block.state_dict())
+    inp = x.double().requires_grad_(True)
+    _, weights, idx = ref_block.gate(inp)
+    weights = weights.masked_fill(ref_block.capacity_drops(idx), 0.0)
+    ref = naive_moe_output(ref_block, inp, idx, weights)
+    ref.backward(grad.double())
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(out.double(), ref.detach(), **tol)
+    torch.testing.assert_close(gx.double(), inp.grad, **tol)
+    for name, p in ref_block.named_parameters():
+        torch.testing.assert_close(gp[name].double(), p.grad, msg=name, **tol)
+
+    block.experts.requires_grad_(False)
+    block.zero_grad(set_to_none=True)
+    block(x).backward(grad)
+    assert block.experts.gate_up_proj.grad is None
+    for name, p in block.gate.named_parameters():
+        torch.testing.assert_close(p.grad.double(), dict(ref_block.gate.named_parameters())[name].grad, **tol)
 
 
 def test_grouped_mm_all_tokens_null_computes_nothing():

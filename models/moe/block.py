@@ -89,9 +89,11 @@ class SparseMoEBlock(nn.Module):
         dropped = self.capacity_drops(topk_indices)
         if dropped is not None:
             topk_weights = topk_weights.masked_fill(dropped, 0.0)
-        active = topk_indices < self.num_true_experts
-        if dropped is not None:
-            active = active & ~dropped
+        active = None  # None: every slot is a kept true-expert slot
+        if self.num_null_experts or dropped is not None:
+            active = topk_indices < self.num_true_experts
+            if dropped is not None:
+                active = active & ~dropped
 
         output = self._dispatch(tokens, topk_indices, topk_weights, active)
         if self.shared_expert is not None:
@@ -112,11 +114,12 @@ class SparseMoEBlock(nn.Module):
         return output.reshape(in_shape)
 
     def _dispatch(self, tokens: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor,
-                  active: torch.Tensor) -> torch.Tensor:
+                  active: Optional[torch.Tensor]) -> torch.Tensor:
         k = topk_indices.shape[1]
-        flat_expert = topk_indices.reshape(-1)
-        # Inactive slots (null expert or dropped) sort into a last bucket that is never computed.
-        bucket = torch.where(active.reshape(-1), flat_expert, torch.full_like(flat_expert, self.num_true_experts))
+        bucket = topk_indices.reshape(-1)
+        if active is not None:
+            # Inactive slots (null expert or dropped) sort into a last bucket that is never computed.
+            bucket = torch.where(active.reshape(-1), bucket, torch.full_like(bucket, self.num_true_experts))
         order = torch.argsort(bucket, stable=True)
         counts = torch.bincount(bucket, minlength=self.num_true_experts + 1)[: self.num_true_experts].tolist()
         token_of_slot = order // k

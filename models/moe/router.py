@@ -96,8 +96,11 @@ class NullExpertRouter(nn.Module):
         router_logits = self.logits(hidden_states)
         probs = torch.softmax(router_logits, dim=-1, dtype=softmax_dtype(router_logits.dtype))
         topk_probs, topk_indices = torch.topk(probs, self.top_k, dim=-1)
-        topk_weights = renormalise_over_true_experts(topk_probs, topk_indices, self.num_true_experts,
-                                                     normalise=self.norm_topk_prob)
+        if self.num_null_experts == 0:  # every slot is true: the same weights without the null masking
+            topk_weights = topk_probs / topk_probs.sum(dim=-1, keepdim=True) if self.norm_topk_prob else topk_probs
+        else:
+            topk_weights = renormalise_over_true_experts(topk_probs, topk_indices, self.num_true_experts,
+                                                         normalise=self.norm_topk_prob)
         return router_logits, topk_weights, topk_indices
 
 

@@ -73,9 +73,26 @@ def _hf_block(hidden: int, inter: int, experts: int, k: int, implementation: str
     return block
 
 
+def _bare_gemms(counts: List[int], hidden: int, inter: int) -> Callable[[], None]:
+    """The six GEMMs per expert that forward+backward of the experts need, at the routed token counts and
+    nothing else (forward: [n, d] x [d, 2I] and [n, I] x [I, d]; backward: the input and weight gradient
+    of each), by torch.mm on preallocated operands: a lower bound for any implementation."""
+    ops = []
+    for n in counts:
+        if n:
+            x, h, g, y = (torch.randn(n, c) for c in (hidden, inter, 2 * inter, hidden))
+            w_gu, w_dn = torch.randn(2 * inter, hidden), torch.randn(hidden, inter)
+            ops += [(x, w_gu.t()), (h, w_dn.t()), (y, w_dn), (y.t(), h), (g, w_gu), (g.t(), x)]
+
+    def run() -> None:
+        for a, b in ops:
+            torch.mm(a, b)
+    return run
+
+
 def _compare_with_hf(hidden: int, inter: int, experts: int, k: int, tokens: int, reps: int) -> dict:
     """Ours with the per-expert loop, ours with grouped_mm, HF eager and HF grouped_mm: same weights, k and
-    input, all four alternated inside every repetition; medians."""
+    input, all four (and the bare GEMMs) alternated inside every repetition; medians."""
     from models.moe import SparseMoEBlock, resolve_expert_impl
 
     torch.manual_seed(0)
@@ -92,13 +109,19 @@ def _compare_with_hf(hidden: int, inter: int, experts: int, k: int, tokens: int,
         diff = max(float((block(x) - ref).abs().max()) for block in (*ours.values(), hf_grouped))
     assert diff < 1e-4, f"blocks disagree: max |diff| = {diff}"
     assert ours["grouped_mm"].experts.last_impl == "grouped_mm", "the grouped path fell back to the loop"
+    with torch.no_grad():
+        _, _, routed = hf_eager.gate(x.reshape(-1, hidden))
+    gemms = _bare_gemms(torch.bincount(routed.reshape(-1), minlength=experts).tolist(), hidden, inter)
     t = _alternate({"ours_loop": _fwd_bwd(ours["loop"], x, grad),
                     "ours_grouped_mm": _fwd_bwd(ours["grouped_mm"], x, grad),
-                    "hf_eager": _fwd_bwd(hf_eager, x, grad), "hf_grouped_mm": _fwd_bwd(hf_grouped, x, grad)}, reps)
+                    "hf_eager": _fwd_bwd(hf_eager, x, grad), "hf_grouped_mm": _fwd_bwd(hf_grouped, x, grad),
+                    "gemm_roofline": gemms}, reps)
     auto = resolve_expert_impl("auto", experts, hidden, inter, x.dtype, x.device)
     out = {"shape": f"T={tokens} d={hidden} I={inter} E={experts} k={k}", "max_abs_diff": float(f"{diff:.2e}"),
            "reps": reps, **{f"{name}_ms": round(1e3 * sec, 2) for name, sec in t.items()},
            "auto_picks": auto}
+    # no implementation of this computation beats the bare GEMMs it needs: the ceiling of ours_auto_vs_best_hf
+    out["best_hf_vs_gemm_roofline"] = round(min(t["hf_eager"], t["hf_grouped_mm"]) / t["gemm_roofline"], 3)
     for impl in ("loop", "grouped_mm"):
         for hf in ("hf_eager", "hf_grouped_mm"):
             out[f"ours_{impl}_vs_{hf}"] = round(t[hf] / t[f"ours_{impl}"], 3)
@@ -180,7 +203,10 @@ def _null_sweep(hidden: int, inter: int, experts: int, nulls: int, k: int, token
           "ours_X_vs_Y = time(Y) / time(ours X), > 1 means ours is faster), at the tiny recipe shape, "
           "a compute-bound shape and a many-small-experts shape (OLMoE-like E=64, k=8); then with 8 true + 16 null "
           "experts, top-4, step time as the true-expert load is forced to 4, 3, 2, 1 per token by a null-gate "
-          "bias (ideal: time ratio = load ratio, minus the fixed router/attention-free overhead).")
+          "bias (ideal: time ratio = load ratio, minus the fixed router/attention-free overhead). "
+          "gemm_roofline_ms: the bare per-expert GEMMs of forward+backward alone (torch.mm, same token counts, "
+          "timed in the same alternation); best_hf_vs_gemm_roofline = the highest ours_auto_vs_best_hf any "
+          "implementation could reach.")
 def adamoe_dispatch() -> dict:
     torch.set_num_threads(1)  # the cores are shared: one thread avoids oversubscription stalls
     torch.manual_seed(0)
