@@ -1,0 +1,528 @@
+"""Merge speed: `models.merging.merge_safetensors` against the time to only read its inputs.
+
+Inputs are built here, never downloaded: a Llama (transformers' LlamaConfig, untied embeddings, float32) as a
+base and three "fine-tunes" (the base plus seeded Gaussian noise), each an HF model folder (config.json +
+one model.safetensors), written tensor by tensor so that building them needs about one tensor of memory.
+Two sizes: `small` 25,785,216 parameters (4 x 103 MB) and `large` 301,507,584 (4 x 1.21 GB). They are cached
+under $MERGE_BENCH_DIR (default /tmp/merge_bench), keyed by their config and seed; the large set is deleted at
+the end unless MERGE_BENCH_KEEP=1.
+
+Every measurement runs in a fresh subprocess (`python -m bench.merging --child ...`) with the page cache warm:
+  - read: the four input files read once, both through safetensors (every tensor by get_tensor) and as plain
+    16 MB chunks (readinto); `read_s` is the faster of the two;
+  - merge: merge_safetensors(method, base, fine-tunes, out) including the output write; wall time and peak RSS
+    (VmHWM of /proc/self/status, which includes the ~0.3 GB of the imports, also reported on its own).
+Fastest of 3 repetitions (small) or 2 (large), the read and every method run in turn inside each repetition so
+load from other processes hits them alike. After the first small run of each method, the output is checked
+against merge_state_dicts of the same module on a few tensors (DARE, which draws random masks: each element
+of the output must be the base plus a subset sum of the deltas / density).
+
+MERGE_IMPL=/path/to/merging.py measures another implementation file (imported in place of models.merging);
+MERGEKIT_PYTHON=/path/to/venv/bin/python adds mergekit's `run_merge` (timed in the same way, in that venv) as
+extra columns. `python -m bench.merging --impl before=/tmp/old.py --impl now=models/merging.py --sizes small
+--json out.json` compares implementations side by side in one run without touching bench/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import register
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES: Dict[str, dict] = {
+    "small": dict(vocab_size=16000, hidden_size=384, num_hidden_layers=6, intermediate_size=1440,
+                  num_attention_heads=6, num_key_value_heads=6),
+    "large": dict(vocab_size=16000, hidden_size=1024, num_hidden_layers=20, intermediate_size=3008,
+                  num_attention_heads=16, num_key_value_heads=16),
+}
+REPS = {"small": 3, "large": 2}
+METHODS: Dict[str, dict] = {"task_arithmetic": {}, "ties": {"density": 0.5}, "dare": {"density": 0.5},
+                            "sce": {}, "varm": {}}
+N_MODELS = 3
+SEED = 0
+INIT_STD = 0.02  # the base's weights
+DELTA_STD = 0.002  # each fine-tune = base + this much Gaussian noise
+CHUNK = 16 << 20
+FORMAT = 1  # bump when the generated inputs change
+CHILD_TIMEOUT = 3600
+SLOW = {"merge_speed_large"}
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("MERGE_BENCH_DIR", "/tmp/merge_bench"))
+
+
+def _shapes(size: str) -> Tuple[List[Tuple[str, Tuple[int, ...]]], object]:
+    """(name, shape) of every tensor of the size's LlamaForCausalLM state dict, built on the meta device."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SIZES[size], tie_word_embeddings=False, max_position_embeddings=2048,
+                      architectures=["LlamaForCausalLM"])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    return [(n, tuple(t.shape)) for n, t in model.state_dict().items()], cfg
+
+
+def _input_dir(size: str) -> Path:
+    key = json.dumps({"cfg": SIZES[size], "seed": SEED, "init": INIT_STD, "delta": DELTA_STD, "n": N_MODELS,
+                      "format": FORMAT}, sort_keys=True)
+    return _cache_root() / f"{size}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _model_names() -> List[str]:
+    return ["base"] + [f"ft{j}" for j in range(1, N_MODELS + 1)]
+
+
+def _paths(folder: Path) -> List[str]:
+    return [str(folder / m / "model.safetensors") for m in _model_names()]
+
+
+def _generator(model: str, name: str):
+    import torch
+
+    return torch.Generator().manual_seed(zlib.crc32(f"{SEED}:{model}:{name}".encode()))
+
+
+def _header(shapes: Sequence[Tuple[str, Tuple[int, ...]]]) -> bytes:
+    """A safetensors header (8-byte little-endian length, then JSON padded to 8 bytes) for float32 tensors
+    stored back to back in `shapes` order."""
+    head: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes:
+        n = 4
+        for d in shape:
+            n *= d
+        head[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(head, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def build_inputs(size: str) -> Path:
+    """The base and fine-tunes of `size` (cached): written tensor by tensor into all four files at once."""
+    import torch
+
+    folder = _input_dir(size)
+    if (folder / "complete").exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    shapes, cfg = _shapes(size)
+    need = 4 * 4 * sum(_numel(s) for _, s in shapes) * 3 // 2  # inputs + room for two outputs
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder.parent).free
+    if free < need:
+        raise RuntimeError(f"merge benchmark: {folder.parent} has {free / 1e9:.1f} GB free, the {size} inputs and "
+                           f"outputs need {need / 1e9:.1f} GB (set MERGE_BENCH_DIR to a roomier place)")
+    header = _header(shapes)
+    files = []
+    for m in _model_names():
+        (folder / m).mkdir(parents=True)
+        cfg.save_pretrained(folder / m)
+        f = open(folder / m / "model.safetensors.part", "wb")
+        f.write(header)
+        files.append(f)
+    try:
+        for name, shape in shapes:
+            if name.endswith("norm.weight"):
+                base = torch.ones(shape)
+            else:
+                base = torch.randn(shape, generator=_generator("base", name)) * INIT_STD
+            files[0].write(base.numpy().tobytes())
+            for j, f in enumerate(files[1:], 1):
+                delta = torch.randn(shape, generator=_generator(f"ft{j}", name))
+                f.write(delta.mul_(DELTA_STD).add_(base).numpy().tobytes())
+    finally:
+        for f in files:
+            f.close()
+    for m in _model_names():
+        os.replace(folder / m / "model.safetensors.part", folder / m / "model.safetensors")
+    (folder / "complete").write_text(json.dumps({"size": size, "config": SIZES[size]}))
+    return folder
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ children
+
+
+def _status_mb(field: str) -> float:
+    """A memory figure of /proc/self/status (VmRSS, VmHWM) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024 / 1e6
+    return float("nan")
+
+
+def _load_impl(impl: str):
+    if not impl:
+        import models.merging as mod
+
+        return mod
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("merging_impl", impl)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["merging_impl"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _child_read(paths: Sequence[str]) -> dict:
+    import torch
+    from safetensors import safe_open
+
+    buf = bytearray(CHUNK)
+
+    def chunks() -> int:
+        n = 0
+        for p in paths:
+            with open(p, "rb", buffering=0) as f:
+                while True:
+                    got = f.readinto(buf)
+                    if not got:
+                        break
+                    n += got
+        return n
+
+    sink = torch.empty(CHUNK, dtype=torch.uint8)
+
+    def tensors() -> int:
+        """Every tensor through get_tensor, its bytes copied once (get_tensor may return a lazy view of a
+        memory map: the copy is what reads it)."""
+        nonlocal sink
+        n = 0
+        for p in paths:
+            with safe_open(p, framework="pt") as f:
+                for k in f.keys():
+                    t = f.get_tensor(k).reshape(-1).view(torch.uint8)
+                    if t.numel() > sink.numel():
+                        sink = torch.empty(t.numel(), dtype=torch.uint8)
+                    sink[:t.numel()].copy_(t)
+                    n += t.numel()
+                    del t
+        return n
+
+    nbytes = chunks()  # warm the page cache (and safetensors), untimed
+    tensors()
+    t = time.perf_counter()
+    chunks()
+    chunk_s = time.perf_counter() - t
+    t = time.perf_counter()
+    tensor_bytes = tensors()
+    tensor_s = time.perf_counter() - t
+    return {"bytes": nbytes, "tensor_bytes": tensor_bytes, "chunks_s": chunk_s, "safetensors_s": tensor_s,
+            "peak_rss_mb": _status_mb("VmHWM")}
+
+
+def _child_merge(impl: str, method: str, kw: dict, paths: Sequence[str], out: str, check: bool) -> dict:
+    import safetensors.torch  # noqa: F401  (imported before timing, as any caller would have it)
+    import torch
+
+    mod = _load_impl(impl)
+    rss0 = _status_mb("VmRSS")
+    t = time.perf_counter()
+    mod.merge_safetensors(method, paths[0], list(paths[1:]), out, **kw)
+    wall = time.perf_counter() - t
+    res = {"time_s": wall, "peak_rss_mb": _status_mb("VmHWM"), "rss_after_imports_mb": rss0,
+           "threads": torch.get_num_threads()}
+    if check:
+        res["check"] = _check(mod, method, kw, paths, out)
+    return res
+
+
+def _check(mod, method: str, kw: dict, paths: Sequence[str], out: str) -> dict:
+    """The merged file has the base's tensors; a few of them equal merge_state_dicts' result (DARE: each
+    element is base + a subset sum of the deltas / density)."""
+    import itertools
+
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(out, framework="pt") as f:
+        out_keys = set(f.keys())
+        with safe_open(paths[0], framework="pt") as b:
+            names = sorted(b.keys())
+        if out_keys != set(names):
+            return {"ok": False, "why": f"output tensors differ from the base's: {sorted(out_keys ^ set(names))[:4]}"}
+        layers = [n for n in names if n.endswith("q_proj.weight")]
+        picked = ["model.norm.weight", layers[0], layers[-1].replace("self_attn.q_proj", "mlp.down_proj"),
+                  "model.embed_tokens.weight"]
+        merged = {n: f.get_tensor(n) for n in picked}
+    sds = []
+    for p in paths:
+        with safe_open(p, framework="pt") as g:
+            sds.append({n: g.get_tensor(n) for n in picked})
+    worst, bad, total = 0.0, 0, 0
+    for n in picked:
+        got = merged[n]
+        if method == "dare":
+            base = sds[0][n]
+            deltas = [sd[n] - base for sd in sds[1:]]
+            density = kw.get("density", 0.5)
+            err = torch.full_like(base, float("inf"))
+            for keep in itertools.product((0, 1), repeat=len(deltas)):
+                cand = base + sum(k * d for k, d in zip(keep, deltas)) / density
+                err = torch.minimum(err, (got - cand).abs())
+            tol = 1e-6 + 1e-5 * base.abs()
+        else:
+            ref = mod.merge_state_dicts(method, sds[0], sds[1:], **kw)[n]
+            err = (got - ref).abs()
+            tol = 1e-6 + 1e-5 * ref.abs()
+        worst = max(worst, float(err.max()))
+        bad += int((err > tol).sum())
+        total += err.numel()
+    return {"ok": bad == 0, "tensors": len(picked), "elements": total, "mismatched": bad, "max_abs_diff": worst}
+
+
+def _run_child(args: List[str], env_extra: Optional[dict] = None, python: str = sys.executable) -> dict:
+    env = dict(os.environ, **(env_extra or {}))
+    r = subprocess.run([python, *args], cwd=ROOT, capture_output=True, text=True, timeout=CHILD_TIMEOUT, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"merge benchmark child {args[:4]} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ mergekit
+
+_MERGEKIT_CHILD = r"""
+import json, sys, time
+cfg_yaml, out = sys.argv[1], sys.argv[2]
+import torch, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+def mb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024 / 1e6
+config = MergeConfiguration.model_validate(yaml.safe_load(open(cfg_yaml)))
+rss0 = mb("VmRSS")
+t = time.perf_counter()
+run_merge(config, out, options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, low_cpu_memory=False,
+                                            write_model_card=False, quiet=True))
+print(json.dumps({"time_s": time.perf_counter() - t, "peak_rss_mb": mb("VmHWM"), "rss_after_imports_mb": rss0}))
+"""
+
+
+def _mergekit_yaml(method: str, kw: dict, folder: Path) -> str:
+    """mergekit's config for the same merge as ours (weights 1, our defaults for lambda / density / top-k)."""
+    base = str(folder / "base")
+    per_model: dict = {"weight": 1.0}
+    top: dict = {}
+    mk_method = method
+    if method == "task_arithmetic":
+        top = {"lambda": 0.3}
+    elif method in ("ties", "dare"):
+        per_model["density"] = kw.get("density", 0.5)
+        mk_method = "ties" if method == "ties" else "dare_linear"
+        top = {"normalize": method == "ties", "lambda": 1.0}
+    elif method == "sce":
+        top = {"select_topk": 0.1}
+        per_model = {}
+    else:
+        return ""
+    models = [{"model": str(folder / f"ft{j}"), **({"parameters": per_model} if per_model else {})}
+              for j in range(1, N_MODELS + 1)]
+    cfg = {"merge_method": mk_method, "base_model": base, "models": models, "dtype": "float32",
+           "parameters": top}
+    return json.dumps(cfg)  # JSON is YAML
+
+
+# ------------------------------------------------------------------------------------------------ harness
+
+
+def measure(size: str, impls: Dict[str, str], reps: Optional[int] = None, mergekit_python: str = "",
+            check: bool = True, log=print) -> dict:
+    """Figures for one input size: read baseline and, per implementation and method, the fastest merge."""
+    reps = reps or REPS[size]
+    folder = build_inputs(size)
+    paths = _paths(folder)
+    out_dir = folder / "out"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir()
+    out = str(out_dir / "model.safetensors")
+    shapes, _ = _shapes(size)
+    largest = max(_numel(s) for _, s in shapes) * 4
+    params = sum(_numel(s) for _, s in shapes)
+    runs: Dict[Tuple[str, str], List[dict]] = {}
+    reads: List[dict] = []
+    mk_cfgs = {}
+    if mergekit_python:
+        for m, kw in METHODS.items():
+            text = _mergekit_yaml(m, kw, folder)
+            if text:
+                (out_dir / f"{m}.yaml").write_text(text)
+                mk_cfgs[m] = str(out_dir / f"{m}.yaml")
+    methods = list(METHODS)
+    for rep in range(reps):
+        reads.append(_run_child(["-m", "bench.merging", "--child", "read", "--paths", *paths]))
+        log(f"[merge bench] {size} rep {rep}: read {reads[-1]['chunks_s']:.2f}s / {reads[-1]['safetensors_s']:.2f}s")
+        order = methods[rep % len(methods):] + methods[:rep % len(methods)]  # rotate who goes first
+        for m in order:
+            for impl_name, impl in impls.items():
+                args = ["-m", "bench.merging", "--child", "merge", "--method", m, "--kw", json.dumps(METHODS[m]),
+                        "--out", out, "--paths", *paths]
+                if check and rep == 0 and size == "small":
+                    args.append("--check")
+                r = _run_child(args, {"MERGE_IMPL": impl})
+                runs.setdefault((impl_name, m), []).append(r)
+                os.remove(out)
+                log(f"[merge bench] {size} rep {rep}: {impl_name} {m} {r['time_s']:.2f}s "
+                    f"peak {r['peak_rss_mb']:.0f} MB{' check ' + str(r['check']) if 'check' in r else ''}")
+            if m in mk_cfgs:
+                mk_out = out_dir / "mergekit"
+                r = _run_child(["-c", _MERGEKIT_CHILD, mk_cfgs[m], str(mk_out)], python=mergekit_python)
+                shutil.rmtree(mk_out, ignore_errors=True)
+                runs.setdefault(("mergekit", m), []).append(r)
+                log(f"[merge bench] {size} rep {rep}: mergekit {m} {r['time_s']:.2f}s peak {r['peak_rss_mb']:.0f} MB")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    chunks_s = min(r["chunks_s"] for r in reads)
+    tensors_s = min(r["safetensors_s"] for r in reads)
+    read_s = min(chunks_s, tensors_s)
+    fig: dict = {
+        "params": params, "tensors": len(shapes), "input_files_mb": round(reads[0]["bytes"] / 1e6, 1),
+        "largest_tensor_mb": round(largest / 1e6, 2), "one_tensor_per_model_mb": round(5 * largest / 1e6, 1),
+        "read_s": round(read_s, 3), "read_chunks_s": round(chunks_s, 3), "read_safetensors_s": round(tensors_s, 3),
+        "read_peak_rss_mb": round(max(r["peak_rss_mb"] for r in reads)), "repetitions": reps,
+    }
+    for impl_name in [*impls, "mergekit"]:
+        table = {}
+        for m in methods:
+            rs = runs.get((impl_name, m))
+            if not rs:
+                continue
+            best = min(rs, key=lambda r: r["time_s"])
+            row = {"time_s": round(best["time_s"], 3), "time_over_read": round(best["time_s"] / read_s, 2),
+                   "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs)),
+                   "peak_minus_imports_mb": round(max(r["peak_rss_mb"] - r["rss_after_imports_mb"] for r in rs))}
+            checks = [r["check"] for r in rs if "check" in r]
+            if checks:
+                c = checks[0]
+                if "elements" not in c:
+                    row["check"] = f"MISMATCH: {c['why']}"
+                elif c["ok"]:
+                    row["check"] = f"ok: {c['elements']:,} elements match (max diff {c['max_abs_diff']:.1e})"
+                else:
+                    row["check"] = (f"MISMATCH: {c['mismatched']:,} of {c['elements']:,} elements differ "
+                                    f"(max diff {c['max_abs_diff']:.1e})")
+            if impl_name != "mergekit" and ("mergekit", m) in runs:
+                mk = min(r["time_s"] for r in runs[("mergekit", m)])
+                row["mergekit_over_ours"] = round(mk / best["time_s"], 2)
+            table[m] = row
+        if table:
+            fig[impl_name] = table
+    return fig
+
+
+def _impls_from_env() -> Dict[str, str]:
+    impl = os.environ.get("MERGE_IMPL", "")
+    return {"methods": str(Path(impl).resolve()) if impl else ""}
+
+
+def _registered(size: str) -> dict:
+    keep = os.environ.get("MERGE_BENCH_KEEP", "") not in ("", "0")
+    try:
+        fig = measure(size, _impls_from_env(), mergekit_python=os.environ.get("MERGEKIT_PYTHON", ""))
+    finally:
+        if size == "large" and not keep:
+            shutil.rmtree(_input_dir(size), ignore_errors=True)
+    impl = os.environ.get("MERGE_IMPL")
+    fig["note"] = ((f"implementation: {impl}. " if impl else "")
+                   + "time_over_read = merge wall time (output write included) / read_s; peak_rss_mb includes "
+                   "the imports (torch: peak_rss_mb - peak_minus_imports_mb); goal: time_over_read <= ~3 and "
+                   "peak_minus_imports_mb near one_tensor_per_model_mb.")
+    fig["command"] = f"python -m bench --only merge_speed{'_large' if size == 'large' else ''}"
+    return fig
+
+
+_DESCRIPTION = ("Merge speed of models.merging.merge_safetensors (task_arithmetic, ties and dare at density 0.5, "
+                "sce, varm; other arguments default) on a locally built float32 Llama, base + 3 fine-tunes "
+                "(base + seeded noise), one safetensors file each: {what}. Each merge runs in a fresh subprocess, "
+                "output write included; `read_s` is the time to only read the four inputs once (page cache warm, "
+                "the faster of safetensors get_tensor and plain 16 MB reads); peak RSS is VmHWM. Fastest of {reps} "
+                "repetitions, the read and the methods in turn inside each. Goal: every method within ~3x of "
+                "read_s, peak memory near one tensor per model (largest tensor x 5) above the imports. With "
+                "MERGEKIT_PYTHON set to a Python that has mergekit 0.1.5, mergekit's run_merge on the same inputs "
+                "(timed the same way; no VaRM there) adds a `mergekit` table and a `mergekit_over_ours` column.")
+
+
+@register("merge_speed", _DESCRIPTION.format(
+    what="25,785,216 parameters (4 x 103 MB); each output is checked against merge_state_dicts on 4 tensors",
+    reps=3))
+def merge_speed() -> dict:
+    return _registered("small")
+
+
+@register("merge_speed_large", _DESCRIPTION.format(
+    what="301,507,584 parameters (4 x 1.21 GB; inputs built under /tmp, deleted afterwards unless "
+    "MERGE_BENCH_KEEP=1). Slow: only with --only merge_speed_large", reps=2))
+def merge_speed_large() -> dict:
+    return _registered("large")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", choices=["read", "merge"])
+    ap.add_argument("--paths", nargs="*")
+    ap.add_argument("--method")
+    ap.add_argument("--kw", default="{}")
+    ap.add_argument("--out")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--impl", action="append", default=[], help="name=path of a merging.py ('' = models.merging)")
+    ap.add_argument("--sizes", default="small")
+    ap.add_argument("--reps", type=int, default=0)
+    ap.add_argument("--json", default="")
+    ap.add_argument("--mergekit-python", default=os.environ.get("MERGEKIT_PYTHON", ""))
+    ap.add_argument("--keep", action="store_true", help="keep the large inputs")
+    a = ap.parse_args(argv)
+    if a.child == "read":
+        print(json.dumps(_child_read(a.paths)))
+        return 0
+    if a.child == "merge":
+        print(json.dumps(_child_merge(os.environ.get("MERGE_IMPL", ""), a.method, json.loads(a.kw), a.paths, a.out,
+                                      a.check)))
+        return 0
+    impls = {}
+    for spec in a.impl or ["methods="]:
+        name, _, path = spec.partition("=")
+        impls[name] = str(Path(path).resolve()) if path else ""
+    results = {}
+    for size in a.sizes.split(","):
+        try:
+            results[size] = measure(size, impls, reps=a.reps or None, mergekit_python=a.mergekit_python)
+        finally:
+            if size == "large" and not a.keep:
+                shutil.rmtree(_input_dir(size), ignore_errors=True)
+        print(json.dumps({size: results[size]}, indent=1), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
