@@ -1,25 +1,95 @@
-"""Model-merging arithmetic (mergekit-style): each method is a small function over tensors of one
-parameter, registered by name in MERGE_METHODS and applied tensor by tensor to whole state dicts or to
-safetensors files (streamed so memory stays near one tensor per model).
+"""Model-merging arithmetic (mergekit-style): each method is a function over the tensors of one parameter
+(`fn(base, models, **kw) -> merged`), registered by name in MERGE_METHODS and applied tensor by tensor to
+whole state dicts (merge_state_dicts) or to safetensors files (merge_safetensors).
 
-Conventions (mergekit 0.1.5 unless stated): every tensor is merged, statistics are per tensor, arithmetic
-is done in float32 (or float64 if the inputs are float64) and cast back to the base dtype.
+merge_safetensors streams: it validates every header first (names, shapes, sizes), then reads the inputs
+memory-mapped one tensor at a time and writes each merged tensor as soon as it is made, so memory stays near
+one tensor per model plus the one being written; the output appears atomically (temporary file, fsync,
+rename) or not at all. Bad inputs raise MergeInputError naming the tensor and the file (docs/merging.md).
 
-Top-k on exact ties: `topk_mask` sorts magnitudes with a STABLE descending sort over the flattened tensor,
-so among equal magnitudes at the cut-off the elements with the lowest flat index are kept. (torch.topk and
-peft.utils.merge_utils.magnitude_based_pruning leave that order unspecified.)
+Each method runs in passes over cache-sized chunks of the flattened tensor, in place where it can, with the
+per-tensor statistics (top-k thresholds, weights) computed in earlier passes; the results are those of the
+plain whole-tensor formulas in the docstrings, bit for bit up to the sign of a zero (tests/test_merging.py
+checks them against such formulas with torch.equal). Arithmetic is in float32 (float64 if the base is
+float64), cast back to the base dtype.
+
+Conventions (mergekit 0.1.5 unless stated, table in docs/merging.md): statistics are per tensor; top-k keeps
+the k largest magnitudes and, among equal values at the cut-off, the lowest flat indices (a stable
+descending sort; torch.topk leaves that order unspecified); TIES keeps at least one element per tensor when
+density > 0; SCE's variance is torch.var(unbiased=False) across models and its k is counted over the
+positions of non-zero variance, so a single model selects nothing and SCE returns the pivot.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import math
 import os
-import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from .merge_io import MergeInputError, SafetensorsFile, SafetensorsWriter, check_finite, matches
+
 MergeFn = Callable[..., Tensor]
 MERGE_METHODS: dict[str, MergeFn] = {}
+CHUNK = 1 << 16  # elements per chunk: a few chunks per model stay in cache
+_DIRECT_SELECT = 1 << 14  # up to this many elements top-k selection is a plain kthvalue
+_SAMPLE = 1 << 14  # about this many sampled values bracket the k-th largest of a bigger tensor
+# Chunks run on this many Python threads (torch releases the GIL inside an op; each op runs on one intra-op
+# thread): the cores are used without OpenMP barriers, which stall whenever a core is busy elsewhere.
+THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (THREADS, pid, pool): a forked child makes its own
+_pool_lock = threading.Lock()
+
+
+def _map(fn: Callable[[int, int], object], spans: Sequence[tuple[int, int]]) -> list:
+    """[fn(s, e) for each span], in order, the spans shared among THREADS threads."""
+    global _pool
+    if THREADS <= 1 or len(spans) < 4 or threading.current_thread().name.startswith("merge-chunk"):
+        return [fn(s, e) for s, e in spans]
+    with _pool_lock:
+        if _pool is None or _pool[:2] != (THREADS, os.getpid()):
+            _pool = (THREADS, os.getpid(), ThreadPoolExecutor(THREADS, thread_name_prefix="merge-chunk"))
+        pool = _pool[2]
+
+    def run(span: tuple[int, int]) -> object:
+        if torch.get_num_threads() != 1:  # this thread's own OpenMP setting
+            torch.set_num_threads(1)
+        return fn(*span)
+
+    return list(pool.map(run, spans))
+
+
+__all__ = ["MERGE_METHODS", "MergeInputError", "register_merge", "task_vector", "topk_mask", "task_arithmetic",
+           "ties", "dare", "sce", "varm", "merge_state_dicts", "merge_safetensors"]
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """One intra-op thread: the many small in-cache ops gain nothing from OpenMP, and on a busy machine every
+    op's barrier waits for a descheduled thread (measured: 3x to 40x slower with 2 threads on 2 loaded cores)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _single_threaded(fn: MergeFn) -> MergeFn:
+    @functools.wraps(fn)
+    def run(*args, **kw):
+        with _one_thread():
+            return fn(*args, **kw)
+    return run
 
 
 def register_merge(name: str) -> Callable[[MergeFn], MergeFn]:
@@ -49,130 +119,421 @@ def _weights(n: int, weights: Sequence[float] | None) -> list[float]:
     return [float(w) for w in weights]
 
 
-def _stack_deltas(base: Tensor, models: Sequence[Tensor]) -> Tensor:
-    if len(models) == 0:
-        raise ValueError("need at least one model to merge")
-    return torch.stack([task_vector(m, base) for m in models])
+class _Job:
+    """One tensor's merge: flat views of base and models, the working dtype, chunk spans, the output."""
+
+    def __init__(self, base: Tensor, models: Sequence[Tensor]):
+        if len(models) == 0:
+            raise ValueError("need at least one model to merge")
+        for m in models:
+            if m.shape != base.shape:
+                raise ValueError(f"task_vector: shape {tuple(m.shape)} != base shape {tuple(base.shape)}")
+        self.shape, self.out_dtype = base.shape, base.dtype
+        self.dt = _work_dtype(base)
+        self.base = base.reshape(-1)
+        self.models = [m.reshape(-1) for m in models]
+        self.n, self.numel = len(models), base.numel()
+        self.spans = [(s, min(s + CHUNK, self.numel)) for s in range(0, self.numel, CHUNK)]
+        self.out = torch.empty(self.numel, dtype=base.dtype)
+
+    def each(self, fn: Callable[[int, int], object]) -> list:
+        """fn(s, e) on every chunk (in parallel; results in chunk order)."""
+        return _map(fn, self.spans)
+
+    def b(self, s: int, e: int) -> Tensor:
+        return self.base[s:e].to(self.dt)
+
+    def delta(self, j: int, s: int, e: int, bc: Tensor) -> Tensor:
+        return self.models[j][s:e].to(self.dt) - bc
+
+    def put(self, s: int, e: int, value: Tensor) -> None:
+        self.out[s:e].copy_(value)
+
+    def result(self) -> Tensor:
+        return self.out.view(self.shape)
+
+    def scalars(self, values: Sequence[float]) -> list[Tensor]:
+        """Per-model weights as 0-d tensors of the working dtype (the arithmetic of a stacked weight vector)."""
+        return list(torch.tensor(values, dtype=self.dt))
 
 
-def topk_mask(x: Tensor, density: float) -> Tensor:
-    """Boolean mask keeping the int(density*numel) largest |x| (stable: lower flat index wins ties)."""
+def _sum0(parts: list[Tensor]) -> Tensor:
+    """torch.stack(parts).sum(0), bit for bit (torch adds up to 5 rows in order); one part: that part."""
+    if len(parts) > 5:
+        return torch.stack(parts).sum(0)
+    if len(parts) == 1:
+        return parts[0]
+    acc = parts[0] + parts[1]
+    for p in parts[2:]:
+        acc += p
+    return acc
+
+
+# ---- top-k selection -------------------------------------------------------------------------------------
+
+def _select(values: Callable[[int, int], Tensor], spans: Sequence[tuple[int, int]], numel: int, k: int,
+            sample: Tensor) -> tuple[float, int]:
+    """(threshold, cut) of the top-k of non-negative values (given chunk by chunk): the k largest are the
+    values > threshold plus those == threshold at flat index < cut (a stable descending sort's first k).
+    Exact for any input; linear time: a sample brackets the k-th largest in [lo, hi], one pass counts the
+    values above hi and collects those inside, and kthvalue runs on the few collected."""
+    s = sample.numel()
+    q = k / numel
+    margin = 4.0 * math.sqrt(s * q * (1 - q)) + 16
+    hi_i, lo_i = int(q * s - margin), int(q * s + margin)  # ranks in descending order, 0-based
+    hi = float(torch.kthvalue(sample, s - hi_i).values) if hi_i >= 0 else math.inf
+    lo = float(torch.kthvalue(sample, s - lo_i).values) if lo_i < s else -math.inf
+    shrink = torch.nn.functional.hardshrink
+
+    def scan(a: int, b: int) -> tuple[int, Tensor | int]:
+        x = values(a, b)
+        above = int(torch.sign(shrink(x, hi)).nansum()) if hi < math.inf else 0  # x >= 0: counts x > hi
+        if lo == hi:
+            return above, int(torch.count_nonzero(x == hi))
+        if lo > 0:  # the values in [lo, hi], others 0 (hardshrink instead of two comparisons)
+            z = shrink(x, _below(lo, x.dtype))
+            z -= shrink(z, hi)
+            return above, z[z != 0]
+        return above, x[(x >= lo) & (x <= hi)]
+
+    scans = _map(scan, spans)
+    above = sum(a for a, _ in scans)
+    n_eq = sum(c for _, c in scans) if lo == hi else 0
+    inside = [] if lo == hi else [c for _, c in scans]
+    if lo == hi:
+        if not above < k <= above + n_eq:
+            return _select_direct(torch.cat([values(a, b) for a, b in spans]), k)
+        thr, n_above, n_tie = lo, above, n_eq
+    else:
+        cand = torch.cat(inside)
+        if not above < k <= above + cand.numel():  # a sample far off, or NaN (rejected before a merge)
+            return _select_direct(torch.cat([values(a, b) for a, b in spans]), k)
+        thr_t = torch.kthvalue(cand, cand.numel() - (k - above) + 1).values
+        thr = float(thr_t)
+        n_above = above + int(torch.count_nonzero(cand > thr_t))
+        n_tie = int(torch.count_nonzero(cand == thr_t))
+    need = k - n_above
+    if need == n_tie:
+        return thr, numel
+    seen = 0  # ties straddle the cut-off: find the flat index of the need-th tied value
+    for a, b in spans:
+        idx = (values(a, b) == thr).nonzero()[:, 0]
+        if seen + idx.numel() >= need:
+            return thr, a + int(idx[need - seen - 1]) + 1
+        seen += idx.numel()
+    return _select_direct(torch.cat([values(a, b) for a, b in spans]), k)  # only with NaN: raises
+
+
+def _select_direct(flat: Tensor, k: int) -> tuple[float, int]:
+    if flat.is_floating_point() and bool(torch.isnan(flat).any()):
+        raise ValueError("top-k selection over values that include NaN (a non-finite input)")
+    thr_t = torch.kthvalue(flat, flat.numel() - k + 1).values
+    need = k - int(torch.count_nonzero(flat > thr_t))
+    tied = (flat == thr_t).nonzero()[:, 0]
+    return float(thr_t), (flat.numel() if need == tied.numel() else int(tied[need - 1]) + 1)
+
+
+def _threshold(values: Callable[[int, int], Tensor], job: _Job, k: int,
+               sampled: Callable[[int], Tensor]) -> tuple[float, int]:
+    if job.numel <= _DIRECT_SELECT:
+        return _select_direct(values(0, job.numel), k)
+    return _select(values, job.spans, job.numel, k, sampled(max(1, job.numel // _SAMPLE)))
+
+
+def _keep(x: Tensor, thr: float, cut: int, s: int, e: int) -> Tensor:
+    """The top-k mask on the chunk [s, e) of the values, given (threshold, cut) from _select."""
+    if e <= cut:
+        return x >= thr
+    keep = x > thr
+    if s < cut:
+        keep[:cut - s] |= x[:cut - s] == thr
+    return keep
+
+
+def topk_mask(x: Tensor, density: float, min_keep: int = 0) -> Tensor:
+    """Boolean mask keeping the max(int(density*numel), min_keep) largest |x| (min_keep only when density > 0;
+    stable: lower flat index wins ties)."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
-    k = int(density * x.numel())
     flat = x.reshape(-1).abs()
+    k = int(density * flat.numel())
+    if density > 0:
+        k = max(k, min_keep)
     if k >= flat.numel():
         return torch.ones(x.shape, dtype=torch.bool, device=x.device)
     if k <= 0:
         return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-    # O(n) selection instead of a full sort, same elements as the stable descending sort: everything
-    # above the k-th largest value, then the lowest-index elements equal to it until k are kept.
-    threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
-    mask = flat > threshold
-    tied = flat == threshold
-    need = k - int(mask.sum())
-    if int(tied.sum()) == need:  # no tie straddles the cut-off (the usual case)
-        mask |= tied
-    else:
-        mask[tied.nonzero()[:need, 0]] = True
-    return mask.view(x.shape)
+    thr, cut = _select_direct(flat, k)
+    return _keep(flat, thr, cut, 0, flat.numel()).view(x.shape)
 
 
-def _elect_sign(weighted_deltas: Tensor) -> Tensor:
-    """Majority sign by total mass; an exact zero sum counts as + (mergekit)."""
-    total = weighted_deltas.sum(dim=0)
+def _elect_sign(total: Tensor) -> Tensor:
+    """Majority sign of a (weighted) sum; an exact zero counts as + (mergekit)."""
     return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
 
 
+# The chunk loops below use float arithmetic where the formulas compare and mask: on CPU a comparison and a
+# multiply by a bool mask cost several times a float op (measured). Each rewrite gives the same values (up to
+# the sign of a zero): hardshrink(x, lam) is x where |x| > lam, else 0; relu(sign(p) * S) is 1 where p has
+# the sign S, else 0.
+
+@functools.lru_cache(maxsize=256)
+def _below(x: float, dt: torch.dtype) -> float:
+    """The largest value of dtype dt below x (x a value of dt): |v| >= x <=> |v| > _below(x)."""
+    return float(torch.nextafter(torch.tensor(x, dtype=dt), torch.tensor(-math.inf, dtype=dt)))
+
+
+@functools.lru_cache(maxsize=64)
+def _as(x: float, dt: torch.dtype) -> float:
+    """x rounded to dtype dt (as a comparison of a dt tensor with the Python number x rounds it)."""
+    return float(torch.tensor(x, dtype=dt))
+
+
+def _trim(d: Tensor, thr: float, cut: int, s: int, e: int) -> Tensor:
+    """d on the chunk [s, e) with the entries outside the top-k of |d| (see _select) set to 0."""
+    if s < cut < e:
+        return d.mul_(_keep(d.abs(), thr, cut, s, e))
+    if e <= cut:  # |d| >= thr
+        if thr <= 0:
+            return d
+        return torch.nn.functional.hardshrink(d, _below(thr, d.dtype))
+    return torch.nn.functional.hardshrink(d, thr)  # |d| > thr
+
+
+def _agreement(parts: list[Tensor], total: Tensor) -> list[Tensor]:
+    """Per part, 1.0 where it has the elected sign of `total` (zero counts as +), else 0.0 (zeros never
+    agree): the float form of sign(part) == _elect_sign(total)."""
+    elected = torch.sign(total).add_(0.5).sign_()
+    return [torch.sign(p).mul_(elected).clamp_min_(0) for p in parts]
+
+
+def _one_if_below(x: Tensor, eps: float) -> Tensor:
+    """torch.where(x.abs() < eps, 1, x) (eps compared in x's dtype)."""
+    h = torch.nn.functional.hardshrink(x, _below(_as(eps, x.dtype), x.dtype))
+    return h.add_(torch.sign(h.abs()).neg_().add_(1))
+
+
+# ---- methods ---------------------------------------------------------------------------------------------
+
 @register_merge("task_arithmetic")
+@_single_threaded
 def task_arithmetic(base: Tensor, models: Sequence[Tensor], weights: Sequence[float] | None = None,
                     lam: float = 0.3) -> Tensor:
     """theta = base + lam * sum_j w_j (theta_j - base)."""
-    deltas = _stack_deltas(base, models)
-    w = torch.tensor(_weights(len(models), weights), dtype=deltas.dtype).view(-1, *[1] * base.dim())
-    merged = base.to(deltas.dtype) + lam * (w * deltas).sum(dim=0)
-    return merged.to(base.dtype)
+    job = _Job(base, models)
+    wv = _weights(job.n, weights)
+    w = job.scalars(wv)
+
+    def chunk(s: int, e: int) -> None:
+        bc = job.b(s, e)
+        parts = []
+        for j in range(job.n):
+            d = job.delta(j, s, e, bc)
+            parts.append(d if wv[j] == 1.0 else d.mul_(w[j]))
+        job.put(s, e, bc + lam * _sum0(parts))
+
+    job.each(chunk)
+    return job.result()
 
 
 @register_merge("ties")
+@_single_threaded
 def ties(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
          weights: Sequence[float] | None = None, lam: float = 1.0) -> Tensor:
-    """TIES (mergekit 0.1.5): trim each delta to its top-k magnitudes, weight, elect the sign of the
-    weighted sum (0 -> +), then average the agreeing untrimmed entries with the weights as divisor.
-    Differs from peft.utils.merge_utils.ties, which elects the sign on UNweighted trimmed deltas and
-    divides by the count of agreeing entries only when weights are uniform; `lam` scales the result."""
-    deltas = _stack_deltas(base, models)
-    w = torch.tensor(_weights(len(models), weights), dtype=deltas.dtype).view(-1, *[1] * base.dim())
-    trimmed = torch.stack([d * topk_mask(d, density) for d in deltas])
-    weighted = trimmed * w
-    sign = _elect_sign(weighted)
-    # A trimmed (zero) entry has sign 0 so never agrees: it leaves the divisor.
-    agree = torch.sign(weighted) == sign
-    mixed = (weighted * agree).sum(dim=0)
-    divisor = (w * agree).sum(dim=0)
-    divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    return (base.to(deltas.dtype) + lam * mixed / divisor).to(base.dtype)
+    """TIES (mergekit 0.1.5): trim each delta to its top-k magnitudes (k = int(density*numel), at least 1 when
+    density > 0), weight, elect the sign of the weighted sum (0 -> +), then average the agreeing untrimmed
+    entries with the weights as divisor (1 where it is below 1e-8): theta = base + lam * mixed / divisor.
+    Differs from peft.utils.merge_utils.ties, which elects the sign on UNweighted trimmed deltas and divides
+    by the count of agreeing entries only when weights are uniform; `lam` scales the result."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    job = _Job(base, models)
+    wv = _weights(job.n, weights)
+    w = job.scalars(wv)
+    k = max(int(density * job.numel), 1) if density > 0 else 0
+    cuts = []  # (threshold, cut) per model; None: keep all
+    for j in range(job.n):
+        if k >= job.numel:
+            cuts.append(None)
+            continue
+        if k == 0:
+            cuts.append((math.inf, 0))
+            continue
+        cuts.append(_threshold(lambda s, e: job.delta(j, s, e, job.b(s, e)).abs_(), job, k,
+                               lambda st: (job.models[j][::st].to(job.dt) - job.base[::st].to(job.dt)).abs_()))
+
+    def chunk(s: int, e: int) -> None:
+        bc = job.b(s, e)
+        weighted = []
+        for j in range(job.n):
+            d = job.delta(j, s, e, bc)
+            if cuts[j] is not None:
+                d = _trim(d, *cuts[j], s, e)
+            weighted.append(d if wv[j] == 1.0 else d.mul_(w[j]))
+        # a trimmed (zero) entry never agrees: it leaves the divisor
+        agree = _agreement(weighted, _sum0(weighted))
+        mixed = _sum0([x.mul_(a) for x, a in zip(weighted, agree)])
+        if all(x == 1.0 for x in wv):
+            divisor = _sum0(agree).clamp_min_(1)  # a count: below 1e-8 means 0
+        else:
+            divisor = _one_if_below(_sum0([w[j] * a for j, a in enumerate(agree)]), 1e-8)
+        job.put(s, e, bc + (mixed if lam == 1.0 else lam * mixed) / divisor)
+
+    job.each(chunk)
+    return job.result()
 
 
 @register_merge("dare")
+@_single_threaded
 def dare(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
          weights: Sequence[float] | None = None, rescale: bool = True,
          generator: torch.Generator | None = None, lam: float = 1.0) -> Tensor:
-    """DARE (linear): drop each delta entry with probability 1-density, rescale survivors by 1/density,
-    then theta = base + lam * sum_j w_j d_j."""
+    """DARE (linear): drop each delta entry with probability 1-density (keep where U[0,1) < density, the
+    uniforms drawn model after model in flat order), rescale survivors by 1/density, then
+    theta = base + lam * sum_j w_j d_j."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"dare density must be in (0, 1], got {density}")
-    deltas = _stack_deltas(base, models)
-    keep = torch.rand(deltas.shape, generator=generator, dtype=deltas.dtype) < density
-    dropped = deltas * keep
-    if rescale:
-        dropped = dropped / density
-    w = torch.tensor(_weights(len(models), weights), dtype=deltas.dtype).view(-1, *[1] * base.dim())
-    return (base.to(deltas.dtype) + lam * (w * dropped).sum(dim=0)).to(base.dtype)
+    job = _Job(base, models)
+    wv = _weights(job.n, weights)
+    w = job.scalars(wv)
+    # model after model, so the generator's stream is consumed as by one rand() over the stacked deltas;
+    # beyond 5 models the rows are kept for torch's stacked sum (its order then depends on the layout)
+    rows = torch.empty(job.n, job.numel, dtype=job.dt) if job.n > 5 else None
+    total = torch.empty(job.numel, dtype=job.dt) if rows is None else None
+    d32 = _as(density, job.dt)
+    for j in range(job.n):
+        uniform = torch.rand(job.numel, generator=generator, dtype=job.dt)
+
+        def chunk(s: int, e: int, j: int = j, uniform: Tensor = uniform) -> None:
+            d = job.delta(j, s, e, job.b(s, e))
+            d.mul_(uniform[s:e].neg().add_(d32).sign_().clamp_min_(0))  # 1.0 where u < density, else 0.0
+            if rescale:
+                d.div_(density)
+            if wv[j] != 1.0:
+                d.mul_(w[j])
+            if rows is not None:
+                rows[j, s:e] = d
+            elif j == 0:
+                total[s:e] = d
+            else:
+                total[s:e] += d
+
+        job.each(chunk)
+        del uniform
+    if rows is not None:
+        total = rows.sum(0)
+        del rows
+    job.each(lambda s, e: job.put(s, e, job.b(s, e) + lam * total[s:e]))
+    return job.result()
+
+
+def _energies(job: _Job, deltas: Callable[[int, int, Tensor], list[Tensor]]) -> Tensor:
+    """mean(d_j^2) per model, rounded as the stacked formula (d**2).reshape(n, -1).mean(dim=1) rounds: the
+    squares go to an [n, numel] buffer chunk by chunk and torch reduces it whole."""
+    sq = torch.empty(job.n, job.numel, dtype=job.dt)
+
+    def chunk(s: int, e: int) -> None:
+        for j, d in enumerate(deltas(s, e, job.b(s, e))):
+            torch.square(d, out=sq[j, s:e])
+
+    job.each(chunk)
+    return sq.mean(dim=1)
+
+
+def _torch_var(deltas: list[Tensor]) -> Tensor:
+    """torch.var(torch.stack(deltas), dim=0, unbiased=False), bit for bit and much faster: torch runs
+    Welford's recurrence in float64 per position and rounds the result to the working dtype."""
+    mean = deltas[0].double()
+    m2 = torch.zeros_like(mean)
+    for j, x in enumerate(deltas[1:], start=2):
+        x = x.double()
+        delta = x - mean
+        mean += delta / j
+        x -= mean
+        m2 += x.mul_(delta)
+    return m2.div_(len(deltas)).to(deltas[0].dtype)
 
 
 @register_merge("sce")
+@_single_threaded
 def sce(pivot: Tensor, models: Sequence[Tensor], select_topk: float = 0.1,
         masked_final_sum: bool = True) -> Tensor:
-    """SCE (FuseChat 2.0): Select positions by top-k variance of the deltas across models, Calculate
-    weights w_j = mean(masked d_j^2) normalised (uniform if they sum below 1e-6), Erase entries whose sign
-    disagrees with the sign of the summed masked deltas; theta = pivot + sum w_j e_j d_j / sum w_j e_j.
+    """SCE (FuseChat 2.0): Select positions by top-k variance of the deltas across models (torch.var,
+    unbiased=False; k = int(select_topk * number of non-zero variances); select_topk >= 1 selects every
+    position), Calculate weights w_j = mean(masked d_j^2) normalised (uniform if they sum below 1e-6), Erase
+    entries whose sign disagrees with the sign of the summed masked deltas;
+    theta = pivot + sum w_j e_j d_j / sum w_j e_j (denominator 1 where it is below 1e-12).
     masked_final_sum=True (mergekit 0.1.5): the sign election, the erase step and the final sum use the
     masked deltas, so unselected positions stay at the pivot. False (the formula as written in FuseChat,
     theta = pivot + sum w_j e_j d_j / sum w_j e_j with the raw deltas d_j): the selection only decides
     the weights; every position takes the sign-consensus weighted mean of the raw deltas. Entries equal
     to zero never agree with the elected sign, so a position where no delta is non-zero stays at pivot."""
-    deltas = _stack_deltas(pivot, models)
-    n = deltas.shape[0]
-    # population variance across models (written out: torch.var over a short leading dim is ~10x slower)
-    var = (deltas - deltas.mean(dim=0)).square().mean(dim=0) if n > 1 else deltas[0].abs()
-    mask = topk_mask(var, select_topk)
-    masked = deltas * mask
-    energy = (masked ** 2).reshape(n, -1).mean(dim=1)
+    if not 0.0 <= select_topk <= 1.0:
+        raise ValueError(f"select_topk must be in [0, 1], got {select_topk}")
+    job = _Job(pivot, models)
+    n = job.n
+    if select_topk >= 1:
+        select = None  # every position
+    else:
+        var = torch.empty(job.numel, dtype=job.dt)
+
+        def var_chunk(s: int, e: int) -> None:
+            bc = job.b(s, e)
+            var[s:e] = _torch_var([job.delta(j, s, e, bc) for j in range(n)])
+
+        job.each(var_chunk)
+        k = int(select_topk * int(torch.count_nonzero(var)))
+        select = (math.inf, 0) if k == 0 else _threshold(lambda s, e: var[s:e], job, k, lambda st: var[::st])
+
+    def masked(s: int, e: int, bc: Tensor) -> list[Tensor]:
+        """The deltas on [s, e), multiplied by the selection mask (1.0 selected, 0.0 not)."""
+        deltas = [job.delta(j, s, e, bc) for j in range(n)]
+        if select is None:
+            return deltas
+        thr, cut = select
+        if s < cut < e:
+            mask = _keep(var[s:e], thr, cut, s, e).to(job.dt)
+        else:  # var >= 0 and a selected var > 0: sign(hardshrink(var)) is the mask
+            mask = torch.sign(torch.nn.functional.hardshrink(var[s:e], _below(thr, job.dt) if e <= cut else thr))
+        return [d.mul_(mask) for d in deltas]
+
+    energy = _energies(job, masked)
     if float(energy.sum()) < 1e-6:
         energy = torch.ones_like(energy)
-    w = (energy / energy.sum()).view(-1, *[1] * pivot.dim())
-    final = masked if masked_final_sum else deltas
-    sign = _elect_sign(final)
-    erase = torch.sign(final) == sign  # masked mode: unselected entries are 0, never kept
-    num = (w * final * erase).sum(dim=0)
-    den = (w * erase).sum(dim=0)
-    den = torch.where(den.abs() < 1e-12, torch.ones_like(den), den)
-    return (pivot.to(deltas.dtype) + num / den).to(pivot.dtype)
+    w = list(energy / energy.sum())
+
+    def final_chunk(s: int, e: int) -> None:
+        bc = job.b(s, e)
+        final = masked(s, e, bc) if masked_final_sum else [job.delta(j, s, e, bc) for j in range(n)]
+        erase = _agreement(final, _sum0(final))  # masked mode: unselected entries are 0, never kept
+        num = _sum0([f.mul_(w[j]).mul_(erase[j]) for j, f in enumerate(final)])
+        den = _one_if_below(_sum0([w[j] * x for j, x in enumerate(erase)]), 1e-12)
+        job.put(s, e, bc + num / den)
+
+    job.each(final_chunk)
+    return job.result()
 
 
 @register_merge("varm")
+@_single_threaded
 def varm(pivot: Tensor, models: Sequence[Tensor]) -> Tensor:
     """VaRM (FuseChat v1): per tensor, w_j = mean(d_j^2) / sum_k mean(d_k^2) (uniform if all zero);
     theta = pivot + sum_j w_j d_j."""
-    deltas = _stack_deltas(pivot, models)
-    n = deltas.shape[0]
-    energy = (deltas ** 2).reshape(n, -1).mean(dim=1)
+    job = _Job(pivot, models)
+    energy = _energies(job, lambda s, e, bc: [job.delta(j, s, e, bc) for j in range(job.n)])
     if float(energy.sum()) == 0.0:
         energy = torch.ones_like(energy)
-    w = (energy / energy.sum()).view(-1, *[1] * pivot.dim())
-    return (pivot.to(deltas.dtype) + (w * deltas).sum(dim=0)).to(pivot.dtype)
+    w = list(energy / energy.sum())
 
+    def chunk(s: int, e: int) -> None:
+        bc = job.b(s, e)
+        job.put(s, e, bc + _sum0([job.delta(j, s, e, bc).mul_(w[j]) for j in range(job.n)]))
+
+    job.each(chunk)
+    return job.result()
+
+
+# ---- whole models ----------------------------------------------------------------------------------------
 
 def _get_method(method: str) -> MergeFn:
     if method not in MERGE_METHODS:
@@ -183,7 +544,7 @@ def _get_method(method: str) -> MergeFn:
 def merge_state_dicts(method: str, base_sd: Mapping[str, Tensor], sds: Sequence[Mapping[str, Tensor]],
                       exclude: Iterable[str] = (), **kw) -> dict[str, Tensor]:
     """Merge every tensor of base_sd with the same-named tensors of each sd in `sds`; the names in `exclude`
-    are not merged and keep base_sd's value (a copy)."""
+    are not merged and keep base_sd's value (a copy). Names only in `sds` are ignored."""
     fn = _get_method(method)
     skip = set(exclude)
     out: dict[str, Tensor] = {}
@@ -193,39 +554,77 @@ def merge_state_dicts(method: str, base_sd: Mapping[str, Tensor], sds: Sequence[
             continue
         missing = [i for i, sd in enumerate(sds) if name not in sd]
         if missing:
-            raise ValueError(f"tensor {name!r} missing from model(s) {missing}")
+            raise MergeInputError(f"tensor {name!r} missing from model(s) {missing}")
         out[name] = fn(base, [sd[name] for sd in sds], **kw)
     return out
 
 
-def merge_safetensors(method: str, base_path: str, model_paths: Sequence[str], out_path: str,
-                      **kw) -> None:
-    """Streaming merge of safetensors files: one tensor (per model) in memory at a time; written to a
-    temporary file next to out_path and moved into place atomically."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+def merge_safetensors(method: str, base_path: str, model_paths: Sequence[str], out_path: str, *,
+                      passthrough: Iterable[str] = (), check_finite_values: bool = True, **kw) -> None:
+    """Streaming merge of safetensors files into out_path (see the module docstring); `kw` goes to the method.
 
+    Every tensor of the base is merged with the same-named tensor of each model, except those named in
+    `passthrough` (exact names or fnmatch patterns such as "lm_head.*"), which are copied from the base and
+    may be absent from, or extra in, the models. Raised before anything is written (MergeInputError naming
+    tensor and file): an unreadable, foreign or truncated file; a tensor of the models missing from the base;
+    a tensor of the base missing from a model; a shape mismatch. A NaN or inf in an input tensor
+    (check_finite_values) is found as that tensor is read and aborts the merge: no output, no temporary file.
+    """
     fn = _get_method(method)
-    merged: dict[str, Tensor] = {}
-    with safe_open(base_path, framework="pt") as base_f:
-        handles = [safe_open(p, framework="pt") for p in model_paths]
-        for name in base_f.keys():
-            base = base_f.get_tensor(name)
-            models = []
-            for p, h in zip(model_paths, handles):
-                if name not in h.keys():
-                    raise ValueError(f"tensor {name!r} missing from {p}")
-                models.append(h.get_tensor(name))
-            merged[name] = fn(base, models, **kw).contiguous()
-            del base, models
-        meta = base_f.metadata()
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors.tmp", dir=out_dir)
-    os.close(fd)
+    if not model_paths:
+        raise ValueError("need at least one model to merge")
+    try:  # a misspelt keyword fails here, not after the first tensor
+        inspect.signature(fn).bind(None, [], **kw)
+    except TypeError as e:
+        raise ValueError(f"merge method {method!r}: {e}") from None
+    passthrough = tuple(passthrough)
+    base_f = SafetensorsFile(base_path)
+    model_fs = [SafetensorsFile(p) for p in model_paths]
     try:
-        save_file(merged, tmp, metadata=meta)
-        os.replace(tmp, out_path)
+        in_all = set.intersection(*(set(f.tensors) for f in model_fs)) if model_fs else set()
+        for name in sorted(in_all - set(base_f.tensors)):
+            if not matches(name, passthrough):
+                raise MergeInputError(f"{base_path}: tensor {name!r} of every model is missing from the base; "
+                                      "pass it through (passthrough=) to drop it")
+        for f in model_fs:
+            for name in f.tensors:
+                if name not in base_f.tensors and name not in in_all and not matches(name, passthrough):
+                    raise MergeInputError(f"{f.path}: tensor {name!r} is not in the base {base_path}")
+        merged = [name for name in base_f.tensors if not matches(name, passthrough)]
+        for name in merged:
+            info = base_f.tensors[name]
+            for f in model_fs:
+                other = f.tensors.get(name)
+                if other is None:
+                    raise MergeInputError(f"{f.path}: tensor {name!r} of the base {base_path} is missing")
+                if other.shape != info.shape:
+                    raise MergeInputError(f"{f.path}: tensor {name!r} has shape {list(other.shape)}, the base "
+                                          f"{base_path} has {list(info.shape)}")
+        merged_set = set(merged)
+        layout = {name: (info.dtype, info.shape) for name, info in base_f.tensors.items()}
+        with _one_thread(), SafetensorsWriter(out_path, layout, base_f.metadata) as writer:
+            for name in layout:
+                base = base_f.tensor(name)
+                if check_finite_values:
+                    check_finite(base, name, base_f.path)
+                if name not in merged_set:
+                    writer.write(name, base)
+                else:
+                    models = [f.tensor(name) for f in model_fs]
+                    if check_finite_values:
+                        for f, m in zip(model_fs, models):
+                            check_finite(m, name, f.path)
+                    out = fn(base, models, **kw)
+                    if out.shape != base.shape or out.dtype != base.dtype:
+                        raise RuntimeError(f"merge method {method!r} returned {out.dtype} {list(out.shape)} for "
+                                           f"tensor {name!r} ({base.dtype} {list(base.shape)})")
+                    writer.write(name, out)
+                    del models, out
+                    for f in model_fs:
+                        f.release(name)
+                del base
+                base_f.release(name)
+            writer.commit()
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for f in [base_f, *model_fs]:
+            f.close()

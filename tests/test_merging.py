@@ -1,8 +1,22 @@
+import os
+import struct
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.merging import MERGE_METHODS, dare, merge_safetensors, merge_state_dicts, sce, task_arithmetic, ties, varm
+from models.merging import (
+    MERGE_METHODS,
+    MergeInputError,
+    dare,
+    merge_safetensors,
+    merge_state_dicts,
+    register_merge,
+    sce,
+    task_arithmetic,
+    ties,
+    varm,
+)
 
 D = torch.float64
 
@@ -35,6 +49,12 @@ def test_ties_weights_before_sign_election():
     assert torch.allclose(out, t(-2, 0, 2, -4))
 
 
+def test_ties_keeps_at_least_one_element():
+    # int(0.1 * 4) = 0, but density > 0 keeps one element: the largest magnitude (index 2); density 0 keeps none
+    assert torch.equal(ties(t(0, 0, 0, 0), [t(1, -2, -3, 0.5)], density=0.1), t(0, 0, -3, 0))
+    assert torch.equal(ties(t(0, 0, 0, 0), [t(1, -2, -3, 0.5)], density=0.0), t(0, 0, 0, 0))
+
+
 def test_ties_stable_tie_break_keeps_lowest_index():
     # all magnitudes equal, k=2: positions 0 and 1 kept
     out = ties(t(0, 0, 0, 0), [t(1, 1, 1, 1)], density=0.5)
@@ -48,23 +68,57 @@ def test_varm_hand_values():
 
 
 def test_sce_hand_values():
-    # variance (population): [1,4,0,1]; top-2 -> pos1, pos0 (tie with pos3, lower index kept)
-    # masked d1=[1,2,0,0], d2=[3,-2,0,0]; energies 5/4, 13/4 -> w = 5/18, 13/18
-    # summed sign [+,+]; pos0 both agree: (5*1+13*3)/18 = 22/9; pos1 only d1 agrees -> 2
+    # variance (torch.var, population): [1,4,0,1], 3 non-zero -> k = int(0.5*3) = 1: pos1 only
+    # masked d1=[0,2,0,0], d2=[0,-2,0,0]; energies 1, 1 -> w = 1/2, 1/2
+    # summed sign at pos1: 0 -> +; only d1 agrees: (1/2*2)/(1/2) = 2
     out = sce(t(0, 0, 0, 0), [t(1, 2, 0, -1), t(3, -2, 0, 1)], select_topk=0.5)
-    assert torch.allclose(out, t(22 / 9, 2, 0, 0))
+    assert torch.allclose(out, t(0, 2, 0, 0))
     # the same deltas around a pivot of 5: masked, unselected positions stay at the pivot
     models = [t(6, 7, 5, 4), t(8, 3, 5, 6)]
-    assert torch.allclose(sce(t(5, 5, 5, 5), models, select_topk=0.5), t(5 + 22 / 9, 7, 5, 5))
-    # unmasked final sum: same weights (from the masked deltas), raw deltas everywhere; pos3 summed
-    # sign 0 -> +, only d2 = +1 agrees -> 6; pos2 all deltas 0 -> pivot
+    assert torch.allclose(sce(t(5, 5, 5, 5), models, select_topk=0.5), t(5, 7, 5, 5))
+    # unmasked final sum: same weights (from the masked deltas), raw deltas everywhere: pos0 both agree
+    # (1+3)/2 = 2; pos1 sum 0 -> +, d1 = 2; pos2 all 0 -> pivot; pos3 sum 0 -> +, only d2 = +1
     out2 = sce(t(5, 5, 5, 5), models, select_topk=0.5, masked_final_sum=False)
-    assert torch.allclose(out2, t(5 + 22 / 9, 7, 5, 6))
+    assert torch.allclose(out2, t(7, 7, 5, 6))
+
+
+def test_sce_k_counts_nonzero_variances_only():
+    # deltas d1=[1,2,5,5], d2=[3,-2,5,5]: variances [1,4,0,0]. k = int(0.5 * 2 non-zero) = 1 (over all four
+    # positions it would be 2): pos1 only. Masked d1=[0,2,0,0], d2=[0,-2,0,0] -> as above: [0,2,0,0]
+    out = sce(t(0, 0, 0, 0), [t(1, 2, 5, 5), t(3, -2, 5, 5)], select_topk=0.5)
+    assert torch.equal(out, t(0, 2, 0, 0))
+    # select_topk=1 selects every position, zero variance included (mergekit skips the mask): weights from
+    # the raw deltas e1 = 55/4, e2 = 63/4; pos0 both agree; pos1 sum 0 -> +, d1 = 2 alone; pos2, 3 both 5
+    e1, e2 = 55 / 4, 63 / 4
+    w1, w2 = e1 / (e1 + e2), e2 / (e1 + e2)
+    full = sce(t(0, 0, 0, 0), [t(1, 2, 5, 5), t(3, -2, 5, 5)], select_topk=1.0)
+    assert torch.allclose(full, t(w1 * 1 + w2 * 3, 2, 5, 5))
+
+
+def test_sce_single_model_returns_the_pivot():
+    # one model: every variance is 0, so nothing is selected (mergekit): the pivot, whatever the delta
+    pivot, model = t(1, 2, 3), t(4, -5, 6)
+    assert torch.equal(sce(pivot, [model], select_topk=0.5), pivot)
+    assert torch.equal(sce(pivot, [model], select_topk=1.0), model)  # every position selected: the model
+
+
+def test_sce_selection_uses_torch_var_and_stable_ties():
+    # variances chosen so that a hand-written population variance and torch.var may round differently;
+    # the mask must be the stable top-k of torch.var(unbiased=False) (checked against the formula below)
+    g = torch.Generator().manual_seed(3)
+    pivot = torch.zeros(50_000)
+    models = [torch.randn(50_000, generator=g) * 1e-3 for _ in range(3)]
+    models[0][:100] = models[1][:100] = models[2][:100] = 0.5  # 100 zero variances
+    models[0][100:300], models[1][100:300], models[2][100:300] = 1.0, 2.0, 3.0  # 200 tied variances at the top
+    expect = _reference_sce(pivot, models, 0.003)
+    assert torch.equal(sce(pivot, models, select_topk=0.003), expect)
+    # k = int(0.003 * 49_900) = 149 of the 200 tied top variances: the lowest flat indices 100..248
+    assert torch.equal(expect[100:249] != 0, torch.ones(149, dtype=torch.bool)) and not expect[249:300].any()
 
 
 def test_sce_uniform_fallback_for_tiny_energy():
-    # energies ~1e-14 -> uniform weights: pos0 (1e-7+3e-7)/2 = 2e-7
-    out = sce(t(0, 0), [t(1e-7, 0), t(3e-7, 0)], select_topk=0.5)
+    # every position selected; energies ~1e-14 -> uniform weights: pos0 (1e-7+3e-7)/2 = 2e-7
+    out = sce(t(0, 0), [t(1e-7, 0), t(3e-7, 0)], select_topk=1.0)
     assert torch.allclose(out, t(2e-7, 0), atol=1e-20)
 
 
@@ -134,3 +188,284 @@ def test_merge_state_dicts_exclude_keeps_the_base_value():
     assert torch.equal(out["b"], base["b"]) and out["b"] is not base["b"]  # a copy, never merged
     # an excluded name need not exist in the merged models
     assert torch.equal(merge_state_dicts("ties", base, [{"w": s["w"]} for s in sds], exclude=["b"])["b"], base["b"])
+
+
+# ---- the chunked methods against the plain whole-tensor formulas, bit for bit ----------------------------
+
+def _stacked(base, models):
+    return torch.stack([m.float() - base.float() for m in models])
+
+
+def _stable_topk(x, k):
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask[torch.sort(x.reshape(-1), descending=True, stable=True).indices[:k]] = True
+    return mask.view(x.shape)
+
+
+def _wcol(w, n, like):
+    return torch.tensor(w if w is not None else [1.0] * n).view(-1, *[1] * (like.dim() - 1))
+
+
+def _reference_task_arithmetic(base, models, weights, lam):
+    d = _stacked(base, models)
+    return base + lam * (_wcol(weights, len(models), d) * d).sum(dim=0)
+
+
+def _reference_ties(base, models, density, weights):
+    d = _stacked(base, models)
+    k = max(int(density * base.numel()), 1)
+    trimmed = torch.stack([x * _stable_topk(x.abs(), k) for x in d])
+    weighted = trimmed * _wcol(weights, len(models), d)
+    sign = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(weighted) == sign
+    divisor = (_wcol(weights, len(models), d) * agree).sum(0)
+    divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    return base + (weighted * agree).sum(0) / divisor
+
+
+def _reference_dare(base, models, density, weights, seed):
+    d = _stacked(base, models)
+    keep = torch.rand(d.shape, generator=torch.Generator().manual_seed(seed)) < density
+    return base + ((_wcol(weights, len(models), d) * (d * keep / density)).sum(0))
+
+
+def _reference_varm(pivot, models):
+    d = _stacked(pivot, models)
+    energy = (d ** 2).reshape(len(models), -1).mean(dim=1)
+    w = (energy / energy.sum()).view(-1, *[1] * pivot.dim())
+    return pivot + (w * d).sum(0)
+
+
+def _reference_sce(pivot, models, select_topk, masked_final_sum=True):
+    d = _stacked(pivot, models)
+    var = torch.var(d, dim=0, unbiased=False)
+    mask = _stable_topk(var, int(select_topk * int(torch.count_nonzero(var))))
+    masked = d * mask
+    energy = (masked ** 2).reshape(len(models), -1).mean(dim=1)
+    if float(energy.sum()) < 1e-6:
+        energy = torch.ones_like(energy)
+    w = (energy / energy.sum()).view(-1, *[1] * pivot.dim())
+    final = masked if masked_final_sum else d
+    erase = torch.sign(final) == torch.where(final.sum(0) >= 0, 1.0, -1.0)
+    den = (w * erase).sum(0)
+    return pivot + (w * final * erase).sum(0) / torch.where(den.abs() < 1e-12, torch.ones_like(den), den)
+
+
+@pytest.mark.parametrize("n,numel,ints", [(1, 70_001, False), (3, 200_003, True), (3, 150_000, False),
+                                          (8, 90_000, True), (2, 5_000, True)])
+def test_methods_equal_whole_tensor_formulas(n, numel, ints):
+    # several chunks, the sampled selection path (numel above the direct-selection size), ties at the top-k
+    # cut-off (integer deltas), more models than the in-order sum handles (8); bit-identical results
+    g = torch.Generator().manual_seed(numel + n)
+    base = torch.randn(1, numel, generator=g)
+    if ints:
+        models = [base + torch.randint(-3, 4, (1, numel), generator=g).float() for _ in range(n)]
+    else:
+        models = [base + 1e-3 * torch.randn(1, numel, generator=g) for _ in range(n)]
+    w = [0.5 + j / 4 for j in range(n)]
+    assert torch.equal(task_arithmetic(base, models, weights=w, lam=0.7),
+                       _reference_task_arithmetic(base, models, w, 0.7))
+    assert torch.equal(ties(base, models, density=0.3, weights=w), _reference_ties(base, models, 0.3, w))
+    assert torch.equal(ties(base, models, density=0.3), _reference_ties(base, models, 0.3, None))
+    assert torch.equal(dare(base, models, density=0.4, weights=w, generator=torch.Generator().manual_seed(5)),
+                       _reference_dare(base, models, 0.4, w, 5))
+    assert torch.equal(varm(base, models), _reference_varm(base, models))
+    for masked in (True, False):
+        assert torch.equal(sce(base, models, select_topk=0.2, masked_final_sum=masked),
+                           _reference_sce(base, models, 0.2, masked))
+
+
+# ---- files: streaming, bad inputs, atomic output ---------------------------------------------------------
+
+def _write_models(tmp_path, n=2, extra=None, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    base = {"a.w": torch.randn(4, 3, generator=g).to(dtype), "b.w": torch.randn(5, generator=g).to(dtype),
+            "c.w": torch.randn(2, 2, generator=g).to(dtype)}
+    sds = [{k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
+           for _ in range(n)]
+    if extra:
+        extra(base, sds)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    paths = []
+    for i, sd in enumerate(sds):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file(sd, paths[-1])
+    return str(tmp_path / "base.safetensors"), paths, str(tmp_path / "out" / "merged.safetensors")
+
+
+def _assert_nothing_written(out):
+    d = os.path.dirname(out)
+    assert not os.path.exists(out)
+    assert not os.path.isdir(d) or not [f for f in os.listdir(d) if f.endswith(".tmp")]
+
+
+def _fails(base, paths, out, match, **kw):
+    with pytest.raises(MergeInputError, match=match) as err:
+        merge_safetensors("task_arithmetic", base, paths, out, **kw)
+    _assert_nothing_written(out)
+    return str(err.value)
+
+
+def test_tensor_missing_from_base_is_an_error_or_passed_through(tmp_path):
+    def extra(base, sds):
+        for sd in sds:
+            sd["head.w"] = torch.ones(3)
+    base, paths, out = _write_models(tmp_path, extra=extra)
+    msg = _fails(base, paths, out, "'head.w'")
+    assert base in msg and "missing from the base" in msg
+    merge_safetensors("task_arithmetic", base, paths, out, passthrough=["head.*"])
+    assert set(load_file(out)) == {"a.w", "b.w", "c.w"}
+
+
+def test_extra_tensor_in_one_model_is_an_error(tmp_path):
+    base, paths, out = _write_models(tmp_path, extra=lambda base, sds: sds[1].update(x=torch.ones(2)))
+    msg = _fails(base, paths, out, "'x'")
+    assert paths[1] in msg
+    merge_safetensors("task_arithmetic", base, paths, out, passthrough=["x"])  # told to ignore it
+    assert set(load_file(out)) == {"a.w", "b.w", "c.w"}
+
+
+def test_tensor_missing_from_a_model_is_an_error_unless_passed_through(tmp_path):
+    base, paths, out = _write_models(tmp_path, extra=lambda base, sds: sds[0].pop("b.w"))
+    assert paths[0] in _fails(base, paths, out, "'b.w'")
+    merge_safetensors("task_arithmetic", base, paths, out, passthrough=["b.w"], lam=1.0)
+    got, base_sd = load_file(out), load_file(base)
+    assert torch.equal(got["b.w"], base_sd["b.w"])  # copied from the base, not merged
+    assert not torch.equal(got["a.w"], base_sd["a.w"])
+
+
+def test_shape_mismatch_is_an_error(tmp_path):
+    base, paths, out = _write_models(tmp_path, extra=lambda base, sds: sds[1].update({"c.w": torch.ones(4)}))
+    msg = _fails(base, paths, out, "'c.w'")
+    assert paths[1] in msg and "[4]" in msg and "[2, 2]" in msg
+
+
+@pytest.mark.parametrize("where,value", [("model", float("nan")), ("model", float("inf")),
+                                         ("base", float("-inf"))])
+def test_non_finite_value_aborts_the_merge(tmp_path, where, value):
+    def extra(base, sds):  # "c.w" is written last: the merge is under way when the value is read
+        (base if where == "base" else sds[1])["c.w"][1, 0] = value
+    base, paths, out = _write_models(tmp_path, extra=extra)
+    msg = _fails(base, paths, out, "'c.w'")
+    assert (base if where == "base" else paths[1]) in msg and "non-finite" in msg
+
+
+def test_truncated_file_is_an_error(tmp_path):
+    base, paths, out = _write_models(tmp_path)
+    size = os.path.getsize(paths[1])
+    with open(paths[1], "r+b") as f:
+        f.truncate(size - 5)
+    msg = _fails(base, paths, out, "truncated")
+    assert paths[1] in msg and "'" in msg  # names the tensor that runs past the end
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!",
+                                     struct.pack("<Q", 2) + b"[]", b"PK\x03\x04" + bytes(100)])
+def test_foreign_file_is_an_error(tmp_path, content):
+    base, paths, out = _write_models(tmp_path)
+    with open(paths[0], "wb") as f:
+        f.write(content)
+    msg = _fails(base, paths, out, "not a safetensors file")
+    assert paths[0] in msg
+
+
+def test_interrupted_merge_leaves_no_file_and_keeps_an_existing_output(tmp_path):
+    base, paths, out = _write_models(tmp_path)
+    os.makedirs(os.path.dirname(out))
+    with open(out, "wb") as f:
+        f.write(b"previous")
+    calls = []
+
+    @register_merge("_test_interrupting")
+    def interrupting(b, models):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return b.clone()
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            merge_safetensors("_test_interrupting", base, paths, out)
+    finally:
+        MERGE_METHODS.pop("_test_interrupting")
+    assert len(calls) == 3
+    assert open(out, "rb").read() == b"previous"
+    assert not [f for f in os.listdir(os.path.dirname(out)) if f.endswith(".tmp")]
+
+
+def test_output_has_normal_permissions(tmp_path):
+    base, paths, out = _write_models(tmp_path)
+    old = os.umask(0o022)
+    try:
+        merge_safetensors("ties", base, paths, out, density=0.5)
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_streamed_file_keeps_dtypes_metadata_and_values(tmp_path, dtype):
+    base, paths, out = _write_models(tmp_path, n=3, dtype=dtype)
+    save_file(load_file(base), base, metadata={"format": "pt", "note": "kept"})
+    merge_safetensors("sce", base, paths, out, select_topk=0.5)
+    from safetensors import safe_open
+
+    with safe_open(out, "pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "kept"}
+    got = load_file(out)
+    expect = merge_state_dicts("sce", load_file(base), [load_file(p) for p in paths], select_topk=0.5)
+    assert {k: v.dtype for k, v in got.items()} == {k: dtype for k in expect}
+    for k in expect:
+        assert torch.equal(got[k], expect[k])
+
+
+def test_selection_over_nan_is_a_clear_error():
+    # a tensor big enough for the sampled selection; NaN inputs are rejected by merge_safetensors before a
+    # merge, and the per-tensor functions say what is wrong instead of returning a silently wrong mask
+    base = torch.zeros(100_000)
+    model = torch.linspace(-1, 1, 100_000)
+    model[7] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ties(base, [model], density=0.3)
+
+
+def test_sigint_during_a_merge_leaves_no_file(tmp_path):
+    # a real Ctrl-C to a merging process: the child announces the merge is under way (a temporary file
+    # exists), the parent sends SIGINT, the child exits by KeyboardInterrupt and leaves nothing behind
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    base, paths, out = _write_models(tmp_path)
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from models.merging import merge_safetensors, register_merge
+
+@register_merge("slow")
+def slow(b, models):
+    print("merging", flush=True)
+    time.sleep(30)
+    return b.clone()
+
+merge_safetensors("slow", {base!r}, {paths!r}, {out!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "merging"
+        assert [f for f in os.listdir(os.path.dirname(out)) if f.endswith(".tmp")]  # the merge is under way
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    _assert_nothing_written(out)
+
+
+def test_unknown_keyword_fails_before_writing(tmp_path):
+    base, paths, out = _write_models(tmp_path)
+    with pytest.raises(ValueError, match="densty"):
+        merge_safetensors("ties", base, paths, out, densty=0.3)
+    _assert_nothing_written(out)
