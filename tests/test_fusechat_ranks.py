@@ -26,7 +26,7 @@ from recipes.engine.loop import RunInterrupted
 from recipes.engine.runs import load_safetensors
 from recipes.fusechat.common import Ranks, check_signals, my_shards, ranks, wait_for_files
 from tests.conftest import ROOT
-from tests.test_fusechat_recipe import fc_overrides, save_tiny_model
+from tests.test_fusechat_recipe import fc_overrides, save_tiny_models
 
 TASK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "TORCHELASTIC_RUN_ID")
 
@@ -154,10 +154,7 @@ def test_a_recorded_sigterm_ends_the_wait(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fusechat_rank_models")
-    return {"pivot": save_tiny_model(root / "pivot", "bpe", 400, 0),
-            "code": save_tiny_model(root / "code", "unigram", 520, 1),
-            "legal": save_tiny_model(root / "legal", "bpe", 460, 2)}
+    return save_tiny_models(tmp_path_factory.mktemp("fusechat_rank_models"))
 
 
 def _start(run_dir: Path, overrides, env_extra, log: Path, stage: str = "represent"):

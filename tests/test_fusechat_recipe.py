@@ -43,12 +43,16 @@ def save_tiny_model(out: Path, kind: str, vocab_size: int, seed: int) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fusechat_models")
+def save_tiny_models(root):
+    """The pivot and two sources of the tests: tiny Llamas with their own tokenizers, saved under `root`."""
     return {"pivot": save_tiny_model(root / "pivot", "bpe", 400, 0),
             "code": save_tiny_model(root / "code", "unigram", 520, 1),
             "legal": save_tiny_model(root / "legal", "bpe", 460, 2)}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    return save_tiny_models(tmp_path_factory.mktemp("fusechat_models"))
 
 
 def fc_overrides(tiny_overrides, models, extra=()):
