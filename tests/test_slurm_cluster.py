@@ -255,7 +255,12 @@ def test_sweep_as_a_two_task_array_each_point_resumes(tmp_path, data_cache, clus
     job = _sbatch(cluster, tmp_path, runs, "--array=0-1", "--ntasks-per-node=1", "--cpus-per-task=1",
                   "--time=30", str(ROOT / "launch.sh"), "tiny", *args, export=f",SWEEP_FILE={sweep}")
     first = runs / "tiny" / f"slurm-{job}-0"
-    _wait_for_step(first, 5)
+    try:
+        _wait_for_step(first, 5)
+    except AssertionError as e:
+        outs = "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-2000:]}" for f in tmp_path.glob("job-*.out"))
+        queue = cluster._run("squeue", "-h", "-o", "%i %T %r").stdout
+        raise AssertionError(f"{e}\nqueue: {queue}\n{outs}\n{_log(first)[-3000:]}\n{cluster.logs()}") from None
     assert cluster._run("scancel", "--signal=USR1", f"{job}_0").returncode == 0
     states = _wait_done(cluster, [f"{job}_0", f"{job}_1"])
     assert set(states.values()) == {"COMPLETED"}, (states, _log(first)[-3000:], cluster.logs())

@@ -58,3 +58,13 @@ def test_sweep_runs_every_point_and_skips_finished_ones(tmp_path, tiny_overrides
     assert main(["tiny", str(path), *tiny_overrides]) == 0
     out = capsys.readouterr().out
     assert out.count("finished earlier") == 2
+
+
+def test_one_point_with_index_between_the_file_and_the_overrides(tmp_path, tiny_overrides):
+    """The order launch.sh uses for an array task: `sweep <recipe> <file> --index I key=value ...`."""
+    path = _write(tmp_path, "name: one\nfixed: {trainer.max_steps: 2, data.batch_size: 2, data.block_size: 32}\n"
+                            "grid: {optim.lr: [0.001, 0.003]}\n")
+    assert main(["tiny", str(path), "--index", "1", *tiny_overrides]) == 0
+    runs = tmp_path / "runs" / "tiny"
+    assert sorted(p.name for p in runs.iterdir()) == ["one-1"]
+    assert "lr: 0.003" in (runs / "one-1" / "config.yaml").read_text()

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value for every point (after the file's)")
     p.add_argument("--index", type=int, default=None, help="run this point only (SLURM array task id)")
     p.add_argument("--count", action="store_true", help="print the number of points and exit")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # launch.sh puts --index between the file and the overrides
     from .config import load_config
 
     spec = read_sweep(a.sweep)
