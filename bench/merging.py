@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -98,22 +97,6 @@ def _generator(model: str, name: str):
     return torch.Generator().manual_seed(zlib.crc32(f"{SEED}:{model}:{name}".encode()))
 
 
-def _header(shapes: Sequence[Tuple[str, Tuple[int, ...]]]) -> bytes:
-    """A safetensors header (8-byte little-endian length, then JSON padded to 8 bytes) for float32 tensors
-    stored back to back in `shapes` order."""
-    head: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in shapes:
-        n = 4
-        for d in shape:
-            n *= d
-        head[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    text = json.dumps(head, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
-
-
 def build_inputs(size: str) -> Path:
     """The base and fine-tunes of `size` (cached): written tensor by tensor into all four files at once."""
     import torch
@@ -129,29 +112,29 @@ def build_inputs(size: str) -> Path:
     if free < need:
         raise RuntimeError(f"merge benchmark: {folder.parent} has {free / 1e9:.1f} GB free, the {size} inputs and "
                            f"outputs need {need / 1e9:.1f} GB (set MERGE_BENCH_DIR to a roomier place)")
-    header = _header(shapes)
-    files = []
-    for m in _model_names():
-        (folder / m).mkdir(parents=True)
-        cfg.save_pretrained(folder / m)
-        f = open(folder / m / "model.safetensors.part", "wb")
-        f.write(header)
-        files.append(f)
-    try:
+    from contextlib import ExitStack
+
+    from models.merge_io import SafetensorsWriter
+
+    layout = {name: (torch.float32, shape) for name, shape in shapes}
+    with ExitStack() as stack:  # one writer per model; an exception leaves no file under the final name
+        writers = []
+        for m in _model_names():
+            (folder / m).mkdir(parents=True)
+            cfg.save_pretrained(folder / m)
+            writers.append(stack.enter_context(
+                SafetensorsWriter(str(folder / m / "model.safetensors"), layout, {"format": "pt"})))
         for name, shape in shapes:
             if name.endswith("norm.weight"):
                 base = torch.ones(shape)
             else:
                 base = torch.randn(shape, generator=_generator("base", name)) * INIT_STD
-            files[0].write(base.numpy().tobytes())
-            for j, f in enumerate(files[1:], 1):
+            writers[0].write(name, base)
+            for j, w in enumerate(writers[1:], 1):
                 delta = torch.randn(shape, generator=_generator(f"ft{j}", name))
-                f.write(delta.mul_(DELTA_STD).add_(base).numpy().tobytes())
-    finally:
-        for f in files:
-            f.close()
-    for m in _model_names():
-        os.replace(folder / m / "model.safetensors.part", folder / m / "model.safetensors")
+                w.write(name, delta.mul_(DELTA_STD).add_(base))
+        for w in writers:
+            w.commit()
     (folder / "complete").write_text(json.dumps({"size": size, "config": SIZES[size]}))
     return folder
 

@@ -655,16 +655,18 @@ def vocab_map_min_ed(
 AlignedSequence = Tuple[Sequence[int], Sequence[int], TokenAlignment]
 
 
+def _check_lengths(src_ids: Sequence[int], pivot_ids: Sequence[int], alignment: TokenAlignment) -> None:
+    if len(src_ids) != alignment.n_src or len(pivot_ids) != alignment.n_tgt:
+        raise ValueError(f"Aligned sequence lengths ({len(src_ids)}, {len(pivot_ids)}) differ from the alignment's "
+                         f"({alignment.n_src}, {alignment.n_tgt}).")
+
+
 def count_one_to_one_pairs(aligned_corpus: Iterable[AlignedSequence]) -> Counter:
     """Counter of (source id, pivot id) over every one-to-one group of every aligned sequence.
     Each item is (source token ids, pivot token ids, alignment with source as src, pivot as tgt)."""
     counts: Counter = Counter()
     for src_ids, pivot_ids, alignment in aligned_corpus:
-        if len(src_ids) != alignment.n_src or len(pivot_ids) != alignment.n_tgt:
-            raise ValueError(
-                f"Aligned sequence lengths ({len(src_ids)}, {len(pivot_ids)}) differ from the alignment's "
-                f"({alignment.n_src}, {alignment.n_tgt})."
-            )
+        _check_lengths(src_ids, pivot_ids, alignment)
         for i, j in alignment.one_to_one_pairs():
             counts[(int(src_ids[i]), int(pivot_ids[j]))] += 1
     return counts
@@ -676,11 +678,7 @@ def count_path_pairs(aligned_corpus: Iterable[AlignedSequence]) -> Counter:
     source id aligned with it, once per id). Items as in `count_one_to_one_pairs`."""
     counts: Counter = Counter()
     for src_ids, pivot_ids, alignment in aligned_corpus:
-        if len(src_ids) != alignment.n_src or len(pivot_ids) != alignment.n_tgt:
-            raise ValueError(
-                f"Aligned sequence lengths ({len(src_ids)}, {len(pivot_ids)}) differ from the alignment's "
-                f"({alignment.n_src}, {alignment.n_tgt})."
-            )
+        _check_lengths(src_ids, pivot_ids, alignment)
         for j, sources in enumerate(alignment.tgt_to_src()):
             for s in {int(src_ids[i]) for i in sources}:
                 counts[(s, int(pivot_ids[j]))] += 1
