@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,8 +150,9 @@ def _run(root, data_cache, recipe, run_id, strategy, *extra, resume=False):
         r = _cli("tests.deepspeed_cpu", "resume", str(run_dir))
     losses = {row["step"]: row["train/loss"] for row in read_metrics(run_dir / "metrics.csv")
               if row.get("train/loss") is not None}
-    stats = [json.loads(line.split("zero3_load: ", 1)[1]) for line in r.stderr.splitlines()
-             if line.startswith("zero3_load: ")]
+    # Found anywhere in stderr (another rank's unfinished line may precede one), decoded object by object.
+    decoder = json.JSONDecoder()
+    stats = [decoder.raw_decode(r.stderr, m.end())[0] for m in re.finditer("zero3_load: ", r.stderr)]
     return {"losses": losses, "stats": sorted(stats, key=lambda s: s["rank"]),
             "summary": json.loads((run_dir / "summary.json").read_text())}
 

@@ -6,6 +6,7 @@ process group exists (`Zero3ModelFactory`), so that no rank ever holds the whole
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, Dict, Optional
 
@@ -120,7 +121,15 @@ class Zero3ModelFactory:
             "local_partition": sum(int(p.ds_tensor.numel()) for p in params if hasattr(p, "ds_id")),
             "whole_parameters_in_process": sum(p.numel() for p in params if not hasattr(p, "ds_id")),
             "peak_rss_mb": peak_rss_mb()}
-        print("zero3_load: " + json.dumps(self.stats, sort_keys=True), file=sys.stderr, flush=True)
+        # One write of the whole line: ranks share stderr, and print() writes the text and its newline
+        # separately, so two ranks' lines could run together (a pipe keeps writes under 4 KiB whole).
+        line = "zero3_load: " + json.dumps(self.stats, sort_keys=True) + "\n"
+        sys.stderr.flush()
+        try:
+            os.write(sys.stderr.fileno(), line.encode())
+        except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
+            sys.stderr.write(line)
+            sys.stderr.flush()
         return model
 
 
