@@ -22,22 +22,29 @@ positions of non-zero variance, so a single model selects nothing and SCE return
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import math
 import os
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from . import merge_kernels as K
 from .merge_io import MergeInputError, SafetensorsFile, SafetensorsWriter, check_finite, matches
 
 MergeFn = Callable[..., Tensor]
 MERGE_METHODS: dict[str, MergeFn] = {}
 CHUNK = 1 << 16  # elements per chunk: a few chunks per model stay in cache
+KERNEL_CHUNK = 1 << 18  # elements per chunk for the fused loops (one pass each: only the thread split matters)
+# The fused numba loops of models.merge_kernels (same results as the torch ops; MERGE_KERNELS=0 turns them off)
+KERNELS = K.AVAILABLE and os.environ.get("MERGE_KERNELS", "1") != "0"
 _DIRECT_SELECT = 1 << 14  # up to this many elements top-k selection is a plain kthvalue
 _SAMPLE = 1 << 14  # about this many sampled values bracket the k-th largest of a bigger tensor
 # Chunks run on this many Python threads (torch releases the GIL inside an op; each op runs on one intra-op
@@ -47,17 +54,18 @@ _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (THREADS, pid, pool)
 _pool_lock = threading.Lock()
 
 
-def _map(fn: Callable[[int, int], object], spans: Sequence[tuple[int, int]]) -> list:
-    """[fn(s, e) for each span], in order, the spans shared among THREADS threads."""
+def _map(fn: Callable[..., object], spans: Sequence[tuple], min_items: int = 4) -> list:
+    """[fn(*span) for each span], in order, the spans shared among THREADS threads (in the calling thread when
+    there are fewer than min_items, or when it is one of the threads itself)."""
     global _pool
-    if THREADS <= 1 or len(spans) < 4 or threading.current_thread().name.startswith("merge-chunk"):
-        return [fn(s, e) for s, e in spans]
+    if THREADS <= 1 or len(spans) < min_items or threading.current_thread().name.startswith("merge-chunk"):
+        return [fn(*span) for span in spans]
     with _pool_lock:
         if _pool is None or _pool[:2] != (THREADS, os.getpid()):
             _pool = (THREADS, os.getpid(), ThreadPoolExecutor(THREADS, thread_name_prefix="merge-chunk"))
         pool = _pool[2]
 
-    def run(span: tuple[int, int]) -> object:
+    def run(span: tuple) -> object:
         if torch.get_num_threads() != 1:  # this thread's own OpenMP setting
             torch.set_num_threads(1)
         return fn(*span)
@@ -67,6 +75,59 @@ def _map(fn: Callable[[int, int], object], spans: Sequence[tuple[int, int]]) -> 
 
 __all__ = ["MERGE_METHODS", "MergeInputError", "register_merge", "task_vector", "topk_mask", "task_arithmetic",
            "ties", "dare", "sce", "varm", "merge_state_dicts", "merge_safetensors"]
+
+
+class _Buffers:
+    """Reused memory for merge_safetensors: a fresh buffer costs a page fault per 4 KiB on first touch
+    (measured: filling fresh memory takes ~8x refilling it), once per tensor per buffer. take() lends a tensor
+    over the smallest free buffer that fits (or a new one); give() returns it; at most `keep` free buffers
+    stay, so memory stays near what the largest tensor needs at once. Thread-safe (the writer gives back)."""
+
+    def __init__(self, keep: int = 4):
+        self.keep, self.free, self.lent = keep, [], {}
+        self.lock = threading.Lock()
+
+    def take(self, shape: int | tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        with self.lock:
+            fits = [i for i, b in enumerate(self.free) if b.numel() >= nbytes]
+            buf = self.free.pop(min(fits, key=lambda i: self.free[i].numel())) if fits else None
+        if buf is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        t = buf[:nbytes].view(dtype).view(shape)
+        with self.lock:
+            self.lent[t.data_ptr()] = buf
+        return t
+
+    def give(self, t: Tensor) -> None:
+        """Return a tensor from take() (any other tensor is ignored); it must not be used afterwards."""
+        with self.lock:
+            buf = self.lent.pop(t.data_ptr(), None) if t.numel() else None
+            if buf is None:
+                return
+            self.free.append(buf)
+            if len(self.free) > self.keep:
+                self.free.pop(min(range(len(self.free)), key=lambda i: self.free[i].numel()))
+
+
+# set by merge_safetensors while it runs (its results go to the file, then back); unset: plain torch.empty
+_buffers: contextvars.ContextVar[_Buffers | None] = contextvars.ContextVar("merge_buffers", default=None)
+
+
+def _empty(shape: int | tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    pool = _buffers.get()
+    return pool.take(shape, dtype) if pool is not None else torch.empty(shape, dtype=dtype)
+
+
+def _release(*ts: Tensor) -> None:
+    pool = _buffers.get()
+    if pool is not None:
+        for t in ts:
+            pool.give(t)
 
 
 @contextlib.contextmanager
@@ -130,15 +191,21 @@ class _Job:
                 raise ValueError(f"task_vector: shape {tuple(m.shape)} != base shape {tuple(base.shape)}")
         self.shape, self.out_dtype = base.shape, base.dtype
         self.dt = _work_dtype(base)
-        self.base = base.reshape(-1)
-        self.models = [m.reshape(-1) for m in models]
+        self.base = base.detach().reshape(-1)
+        self.models = [m.detach().reshape(-1) for m in models]
         self.n, self.numel = len(models), base.numel()
-        self.spans = [(s, min(s + CHUNK, self.numel)) for s in range(0, self.numel, CHUNK)]
-        self.out = torch.empty(self.numel, dtype=base.dtype)
+        # the fused loops: up to K.MAX_MODELS models (beyond, torch sums stacked rows in its own order), CPU
+        self.fast = (KERNELS and self.n <= K.MAX_MODELS and
+                     all(t.device.type == "cpu" for t in [self.base, *self.models]))
+        # fused loops: chunks up to KERNEL_CHUNK, at least 2 per thread once a tensor is worth splitting
+        step = min(KERNEL_CHUNK, max(1 << 14, -(-self.numel // (2 * THREADS)))) if self.fast else CHUNK
+        self.spans = [(s, min(s + step, self.numel)) for s in range(0, self.numel, step)]
+        self.out = _empty(self.numel, base.dtype)
+        self.npdt = np.float64 if self.dt == torch.float64 else np.float32
 
     def each(self, fn: Callable[[int, int], object]) -> list:
         """fn(s, e) on every chunk (in parallel; results in chunk order)."""
-        return _map(fn, self.spans)
+        return _map(fn, self.spans, min_items=2 if self.fast else 4)
 
     def b(self, s: int, e: int) -> Tensor:
         return self.base[s:e].to(self.dt)
@@ -156,6 +223,34 @@ class _Job:
         """Per-model weights as 0-d tensors of the working dtype (the arithmetic of a stacked weight vector)."""
         return list(torch.tensor(values, dtype=self.dt))
 
+    # ---- the fused loops' side: numpy views of the working dtype ----
+
+    def np_values(self, t: Tensor, s: int, e: int) -> np.ndarray:
+        x = t[s:e]
+        return (x if x.dtype == self.dt else x.to(self.dt)).numpy()
+
+    def np_chunk(self, s: int, e: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """(base, models) on [s, e) as numpy arrays of the working dtype (views when no conversion is needed)."""
+        return self.np_values(self.base, s, e), tuple(self.np_values(m, s, e) for m in self.models)
+
+    def np_scalars(self, values: Sequence[float]) -> np.ndarray:
+        return np.array(values, dtype=self.npdt)  # rounded as torch.tensor(values, dtype) rounds
+
+    def run(self, body: Callable[[np.ndarray, tuple, int, np.ndarray], None]) -> Tensor:
+        """body(base, models, s, out) on every chunk; out is a view of the output (or a working-dtype buffer
+        cast into it afterwards, as Tensor.copy_ rounds)."""
+        def chunk(s: int, e: int) -> None:
+            b, ms = self.np_chunk(s, e)
+            if self.out.dtype == self.dt:
+                body(b, ms, s, self.out[s:e].numpy())
+            else:
+                tmp = torch.empty(e - s, dtype=self.dt)
+                body(b, ms, s, tmp.numpy())
+                self.out[s:e].copy_(tmp)
+
+        self.each(chunk)
+        return self.result()
+
 
 def _sum0(parts: list[Tensor]) -> Tensor:
     """torch.stack(parts).sum(0), bit for bit (torch adds up to 5 rows in order); one part: that part."""
@@ -171,21 +266,29 @@ def _sum0(parts: list[Tensor]) -> Tensor:
 
 # ---- top-k selection -------------------------------------------------------------------------------------
 
+Scan = Callable[[int, int, float, float], tuple[int, Tensor]]
+Find = Callable[[int, int, float, int], tuple[int, int]]
+
+
 def _select(values: Callable[[int, int], Tensor], spans: Sequence[tuple[int, int]], numel: int, k: int,
-            sample: Tensor) -> tuple[float, int]:
+            sample: Tensor, fast: tuple[Scan, Find] | None = None) -> tuple[float, int]:
     """(threshold, cut) of the top-k of non-negative values (given chunk by chunk): the k largest are the
     values > threshold plus those == threshold at flat index < cut (a stable descending sort's first k).
     Exact for any input; linear time: a sample brackets the k-th largest in [lo, hi], one pass counts the
-    values above hi and collects those inside, and kthvalue runs on the few collected."""
+    values above hi and collects those inside, and kthvalue runs on the few collected. `fast` does the passes on
+    one chunk in fused loops: scan(a, b, hi, lo) -> (count above hi, the values in [lo, hi]), and
+    find(a, b, thr, need) -> (count equal to thr, index in the chunk of the need-th of them or -1)."""
     s = sample.numel()
     q = k / numel
     margin = 4.0 * math.sqrt(s * q * (1 - q)) + 16
     hi_i, lo_i = int(q * s - margin), int(q * s + margin)  # ranks in descending order, 0-based
-    hi = float(torch.kthvalue(sample, s - hi_i).values) if hi_i >= 0 else math.inf
-    lo = float(torch.kthvalue(sample, s - lo_i).values) if lo_i < s else -math.inf
+    hi = _kth(sample, s - hi_i) if hi_i >= 0 else math.inf
+    lo = _kth(sample, s - lo_i) if lo_i < s else -math.inf
     shrink = torch.nn.functional.hardshrink
 
     def scan(a: int, b: int) -> tuple[int, Tensor | int]:
+        if fast is not None and lo != hi:
+            return fast[0](a, b, hi, lo)
         x = values(a, b)
         above = int(torch.sign(shrink(x, hi)).nansum()) if hi < math.inf else 0  # x >= 0: counts x > hi
         if lo == hi:
@@ -208,8 +311,8 @@ def _select(values: Callable[[int, int], Tensor], spans: Sequence[tuple[int, int
         cand = torch.cat(inside)
         if not above < k <= above + cand.numel():  # a sample far off, or NaN (rejected before a merge)
             return _select_direct(torch.cat([values(a, b) for a, b in spans]), k)
-        thr_t = torch.kthvalue(cand, cand.numel() - (k - above) + 1).values
-        thr = float(thr_t)
+        thr = _kth(cand, cand.numel() - (k - above) + 1)
+        thr_t = torch.tensor(thr, dtype=cand.dtype)
         n_above = above + int(torch.count_nonzero(cand > thr_t))
         n_tie = int(torch.count_nonzero(cand == thr_t))
     need = k - n_above
@@ -217,11 +320,23 @@ def _select(values: Callable[[int, int], Tensor], spans: Sequence[tuple[int, int
         return thr, numel
     seen = 0  # ties straddle the cut-off: find the flat index of the need-th tied value
     for a, b in spans:
+        if fast is not None:
+            count, i = fast[1](a, b, thr, need - seen)
+            if i >= 0:
+                return thr, a + i + 1
+            seen += count
+            continue
         idx = (values(a, b) == thr).nonzero()[:, 0]
         if seen + idx.numel() >= need:
             return thr, a + int(idx[need - seen - 1]) + 1
         seen += idx.numel()
     return _select_direct(torch.cat([values(a, b) for a, b in spans]), k)  # only with NaN: raises
+
+
+def _kth(x: Tensor, k: int) -> float:
+    """torch.kthvalue(x, k) (the k-th smallest, 1-based) of a 1-D tensor, by numpy's introselect, which is
+    several times faster on CPU; NaN sorts last in both."""
+    return float(np.partition(x.numpy(), k - 1)[k - 1])
 
 
 def _select_direct(flat: Tensor, k: int) -> tuple[float, int]:
@@ -234,10 +349,19 @@ def _select_direct(flat: Tensor, k: int) -> tuple[float, int]:
 
 
 def _threshold(values: Callable[[int, int], Tensor], job: _Job, k: int,
-               sampled: Callable[[int], Tensor]) -> tuple[float, int]:
+               sampled: Callable[[int], Tensor], fast: tuple[Scan, Find] | None = None) -> tuple[float, int]:
     if job.numel <= _DIRECT_SELECT:
         return _select_direct(values(0, job.numel), k)
-    return _select(values, job.spans, job.numel, k, sampled(max(1, job.numel // _SAMPLE)))
+    return _select(values, job.spans, job.numel, k, sampled(max(1, job.numel // _SAMPLE)), fast)
+
+
+def _collect(scan_fn: Callable[..., tuple[int, int, bool]], n: int, *args) -> tuple[int, Tensor]:
+    """Run a fused scan into a buffer of n values: (count above, the collected values as a tensor)."""
+    buf = np.empty(n, dtype=args[0].dtype)
+    above, c, nan = scan_fn(*args, buf)
+    if nan:
+        raise ValueError("top-k selection over values that include NaN (a non-finite input)")
+    return above, torch.from_numpy(buf[:c])
 
 
 def _keep(x: Tensor, thr: float, cut: int, s: int, e: int) -> Tensor:
@@ -322,6 +446,9 @@ def task_arithmetic(base: Tensor, models: Sequence[Tensor], weights: Sequence[fl
     """theta = base + lam * sum_j w_j (theta_j - base)."""
     job = _Job(base, models)
     wv = _weights(job.n, weights)
+    if job.fast:
+        wn, lam_n = job.np_scalars(wv), job.npdt(lam)
+        return job.run(lambda b, ms, s, out: K.weighted_sum(b, ms, wn, lam_n, out))
     w = job.scalars(wv)
 
     def chunk(s: int, e: int) -> None:
@@ -351,16 +478,33 @@ def ties(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
     wv = _weights(job.n, weights)
     w = job.scalars(wv)
     k = max(int(density * job.numel), 1) if density > 0 else 0
-    cuts = []  # (threshold, cut) per model; None: keep all
-    for j in range(job.n):
+
+    def model_cut(j: int) -> tuple[float, int] | None:
+        """(threshold, cut) of model j's top-k; None: keep all."""
         if k >= job.numel:
-            cuts.append(None)
-            continue
+            return None
         if k == 0:
-            cuts.append((math.inf, 0))
-            continue
-        cuts.append(_threshold(lambda s, e: job.delta(j, s, e, job.b(s, e)).abs_(), job, k,
-                               lambda st: (job.models[j][::st].to(job.dt) - job.base[::st].to(job.dt)).abs_()))
+            return math.inf, 0
+        fast = None
+        if job.fast:
+            def scan(a: int, b: int, hi: float, lo: float, j: int = j) -> tuple[int, Tensor]:
+                return _collect(K.scan_abs_delta, b - a, job.np_values(job.base, a, b),
+                                job.np_values(job.models[j], a, b), hi, lo)
+
+            def find(a: int, b: int, thr: float, need: int, j: int = j) -> tuple[int, int]:
+                return K.find_abs_delta_equal(job.np_values(job.base, a, b), job.np_values(job.models[j], a, b),
+                                              thr, need)
+            fast = (scan, find)
+        return _threshold(lambda s, e: job.delta(j, s, e, job.b(s, e)).abs_(), job, k,
+                          lambda st: (job.models[j][::st].to(job.dt) - job.base[::st].to(job.dt)).abs_(), fast)
+
+    cuts = [model_cut(j) for j in range(job.n)]  # each selection's passes run on the threads chunk by chunk
+    if job.fast:
+        thr = np.array([-1.0 if c is None else c[0] for c in cuts])  # -1: keep every entry
+        cut = np.array([0 if c is None else c[1] for c in cuts], dtype=np.int64)
+        wn, lam_n, eps, one = job.np_scalars(wv), job.npdt(lam), job.npdt(1e-8), job.npdt(1.0)
+        uniform = all(x == 1.0 for x in wv)
+        return job.run(lambda b, ms, s, out: K.ties_chunk(b, ms, wn, thr, cut, s, lam_n, uniform, eps, one, out))
 
     def chunk(s: int, e: int) -> None:
         bc = job.b(s, e)
@@ -388,25 +532,32 @@ def ties(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
 def dare(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
          weights: Sequence[float] | None = None, rescale: bool = True,
          generator: torch.Generator | None = None, lam: float = 1.0) -> Tensor:
-    """DARE (linear): drop each delta entry with probability 1-density (keep where U[0,1) < density, the
-    uniforms drawn model after model in flat order), rescale survivors by 1/density, then
-    theta = base + lam * sum_j w_j d_j."""
+    """DARE (linear): drop each delta entry with probability 1-density (keep where U[0,1) < density), rescale
+    survivors by 1/density, then theta = base + lam * sum_j w_j d_j. The uniforms are counter-based: one 64-bit
+    seed per model is drawn from `generator` (torch's default generator when None), and entry i of model j
+    gets output i + 1 of SplitMix64 seeded with it, as a float32 of 24 random bits (K.uniforms). So any chunk
+    is drawn on its own, in parallel, and the result does not depend on the chunking or the thread count;
+    the same generator state gives the same merge."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"dare density must be in (0, 1], got {density}")
     job = _Job(base, models)
     wv = _weights(job.n, weights)
+    seeds = torch.randint(-2 ** 63, 2 ** 63 - 1, (job.n,), generator=generator, dtype=torch.int64)
+    seeds = seeds.numpy().view(np.uint64)
+    if job.fast:
+        wn, lam_n, dens = job.np_scalars(wv), job.npdt(lam), job.npdt(density)
+        return job.run(lambda b, ms, s, out: K.dare_chunk(b, ms, wn, seeds, s, dens, rescale, lam_n,
+                                                         job.npdt(1.0), out))
     w = job.scalars(wv)
-    # model after model, so the generator's stream is consumed as by one rand() over the stacked deltas;
     # beyond 5 models the rows are kept for torch's stacked sum (its order then depends on the layout)
     rows = torch.empty(job.n, job.numel, dtype=job.dt) if job.n > 5 else None
     total = torch.empty(job.numel, dtype=job.dt) if rows is None else None
     d32 = _as(density, job.dt)
     for j in range(job.n):
-        uniform = torch.rand(job.numel, generator=generator, dtype=job.dt)
-
-        def chunk(s: int, e: int, j: int = j, uniform: Tensor = uniform) -> None:
+        def chunk(s: int, e: int, j: int = j) -> None:
             d = job.delta(j, s, e, job.b(s, e))
-            d.mul_(uniform[s:e].neg().add_(d32).sign_().clamp_min_(0))  # 1.0 where u < density, else 0.0
+            uniform = torch.from_numpy(K.uniforms(int(seeds[j]), s, e - s)).to(job.dt)
+            d.mul_(uniform.neg_().add_(d32).sign_().clamp_min_(0))  # 1.0 where u < density, else 0.0
             if rescale:
                 d.div_(density)
             if wv[j] != 1.0:
@@ -419,7 +570,6 @@ def dare(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
                 total[s:e] += d
 
         job.each(chunk)
-        del uniform
     if rows is not None:
         total = rows.sum(0)
         del rows
@@ -428,16 +578,21 @@ def dare(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
 
 
 def _energies(job: _Job, deltas: Callable[[int, int, Tensor], list[Tensor]]) -> Tensor:
-    """mean(d_j^2) per model, rounded as the stacked formula (d**2).reshape(n, -1).mean(dim=1) rounds: the
-    squares go to an [n, numel] buffer chunk by chunk and torch reduces it whole."""
-    sq = torch.empty(job.n, job.numel, dtype=job.dt)
+    """mean(d_j^2) per model in the working dtype: the squares summed in float64 (each chunk's sum, then the
+    chunks' in order) and divided by numel, then rounded; what (d.double()**2).mean() gives up to float64
+    rounding (so the rounded result is the same but for a sum within ~1e-16 of a rounding boundary)."""
+    def chunk(s: int, e: int) -> list[float]:
+        return [float(d.double().square_().sum()) for d in deltas(s, e, job.b(s, e))]
 
-    def chunk(s: int, e: int) -> None:
-        for j, d in enumerate(deltas(s, e, job.b(s, e))):
-            torch.square(d, out=sq[j, s:e])
+    return _mean_of_sums(job, job.each(chunk))
 
-    job.each(chunk)
-    return sq.mean(dim=1)
+
+def _mean_of_sums(job: _Job, per_chunk: list) -> Tensor:
+    totals = [0.0] * job.n
+    for sums in per_chunk:
+        for j in range(job.n):
+            totals[j] += float(sums[j])
+    return torch.tensor([t / job.numel for t in totals], dtype=torch.float64).to(job.dt)
 
 
 def _torch_var(deltas: list[Tensor]) -> Tensor:
@@ -472,6 +627,8 @@ def sce(pivot: Tensor, models: Sequence[Tensor], select_topk: float = 0.1,
         raise ValueError(f"select_topk must be in [0, 1], got {select_topk}")
     job = _Job(pivot, models)
     n = job.n
+    if job.fast:
+        return _sce_fast(job, select_topk, masked_final_sum)
     if select_topk >= 1:
         select = None  # every position
     else:
@@ -514,12 +671,58 @@ def sce(pivot: Tensor, models: Sequence[Tensor], select_topk: float = 0.1,
     return job.result()
 
 
+def _sce_fast(job: _Job, select_topk: float, masked_final_sum: bool) -> Tensor:
+    """sce() with the fused loops: the same stages and roundings."""
+    var = _empty(job.numel if select_topk < 1 else 0, job.dt)
+    var_np = var.numpy()
+    select = (-1.0, 0)  # thr < 0: every position
+    if select_topk < 1:
+        job.each(lambda s, e: K.welford_var(*job.np_chunk(s, e), var_np[s:e]))
+        k = int(select_topk * int(torch.count_nonzero(var)))
+        select = (math.inf, 0) if k == 0 else _threshold(
+            lambda s, e: var[s:e], job, k, lambda st: var[::st],
+            (lambda a, b, hi, lo: _collect(K.scan_values, b - a, var_np[a:b], hi, lo),
+             lambda a, b, thr, need: K.find_value_equal(var_np[a:b], thr, need)))
+    thr, cut = select
+    w = _energy_weights(job, var_np, thr, cut, 1e-6)
+    eps, one = job.npdt(1e-12), job.npdt(1.0)
+
+    def body(b: np.ndarray, ms: tuple, s: int, out: np.ndarray) -> None:
+        v = var_np[s:s + b.size] if var_np.size else var_np
+        K.sce_chunk(b, ms, v, thr, cut, s, masked_final_sum, w, eps, one, out)
+
+    out = job.run(body)
+    _release(var)  # (the closures above that view it are done)
+    return out
+
+
+def _energy_weights(job: _Job, var_np: np.ndarray | None, thr: float, cut: int,
+                    floor: float | None) -> np.ndarray:
+    """w_j = mean(d_j^2) / sum_k mean(d_k^2) over the deltas masked by the variance top-k (var_np, thr, cut;
+    thr < 0: unmasked), uniform when the sum is below `floor` (None: when it is exactly 0); the means as
+    _energies computes them."""
+    def chunk(s: int, e: int) -> np.ndarray:
+        b, ms = job.np_chunk(s, e)
+        sums = np.empty(job.n)
+        K.energy_sums(b, ms, b if thr < 0 else var_np[s:e], thr, cut, s, sums)  # var not read when thr < 0
+        return sums
+
+    energy = _mean_of_sums(job, job.each(chunk))
+    total = float(energy.sum())
+    if (total < floor) if floor is not None else (total == 0.0):
+        energy = torch.ones_like(energy)
+    return (energy / energy.sum()).numpy().astype(job.npdt)
+
+
 @register_merge("varm")
 @_single_threaded
 def varm(pivot: Tensor, models: Sequence[Tensor]) -> Tensor:
     """VaRM (FuseChat v1): per tensor, w_j = mean(d_j^2) / sum_k mean(d_k^2) (uniform if all zero);
     theta = pivot + sum_j w_j d_j."""
     job = _Job(pivot, models)
+    if job.fast:
+        w, one = _energy_weights(job, None, -1.0, 0, None), job.npdt(1.0)
+        return job.run(lambda b, ms, s, out: K.weighted_sum(b, ms, w, one, out))
     energy = _energies(job, lambda s, e, bc: [job.delta(j, s, e, bc) for j in range(job.n)])
     if float(energy.sum()) == 0.0:
         energy = torch.ones_like(energy)
@@ -534,6 +737,60 @@ def varm(pivot: Tensor, models: Sequence[Tensor]) -> Tensor:
 
 
 # ---- whole models ----------------------------------------------------------------------------------------
+
+def _check_finite(t: Tensor, name: str, path: str) -> None:
+    """merge_io.check_finite, the min/max pass split over the threads for a big tensor."""
+    if not t.is_floating_point() or t.numel() < (1 << 21):
+        return check_finite(t, name, path)
+    flat, step = t.reshape(-1), 1 << 20
+
+    def finite(s: int, e: int) -> bool:
+        lo, hi = torch.aminmax(flat[s:e])
+        return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+    if not all(_map(finite, [(s, min(s + step, flat.numel())) for s in range(0, flat.numel(), step)])):
+        check_finite(t, name, path)  # raises, with the count
+
+
+class _WriteBehind:
+    """Hands tensors to a SafetensorsWriter on a thread, so that the output is written (and the disk works)
+    while the next tensor is merged; at most one tensor waits, so memory stays bounded. Errors of the
+    writing thread are raised by the next write or by close; abort stops it without further writes."""
+
+    def __init__(self, writer: SafetensorsWriter, buffers: _Buffers):
+        self.writer, self.buffers, self.error, self.stop = writer, buffers, None, False
+        self.q: queue.Queue = queue.Queue(maxsize=1)
+        self.thread = threading.Thread(target=self._run, name="merge-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None and not self.stop:
+                try:
+                    self.writer.write(*item)
+                except BaseException as e:  # noqa: BLE001 - handed to the merging thread
+                    self.error = e
+                self.buffers.give(item[1])
+            del item
+
+    def write(self, name: str, t: Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((name, t))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        self.stop = True
+        self.q.put(None)
+        self.thread.join()
 
 def _get_method(method: str) -> MergeFn:
     if method not in MERGE_METHODS:
@@ -602,29 +859,39 @@ def merge_safetensors(method: str, base_path: str, model_paths: Sequence[str], o
                                           f"{base_path} has {list(info.shape)}")
         merged_set = set(merged)
         layout = {name: (info.dtype, info.shape) for name, info in base_f.tensors.items()}
+        buffers = _Buffers()
+        token = _buffers.set(buffers)
         with _one_thread(), SafetensorsWriter(out_path, layout, base_f.metadata) as writer:
-            for name in layout:
-                base = base_f.tensor(name)
-                if check_finite_values:
-                    check_finite(base, name, base_f.path)
-                if name not in merged_set:
-                    writer.write(name, base)
-                else:
-                    models = [f.tensor(name) for f in model_fs]
+            behind = _WriteBehind(writer, buffers)
+            try:
+                for name in layout:
+                    base = base_f.tensor(name)
                     if check_finite_values:
-                        for f, m in zip(model_fs, models):
-                            check_finite(m, name, f.path)
-                    out = fn(base, models, **kw)
-                    if out.shape != base.shape or out.dtype != base.dtype:
-                        raise RuntimeError(f"merge method {method!r} returned {out.dtype} {list(out.shape)} for "
-                                           f"tensor {name!r} ({base.dtype} {list(base.shape)})")
-                    writer.write(name, out)
-                    del models, out
-                    for f in model_fs:
-                        f.release(name)
-                del base
-                base_f.release(name)
+                        _check_finite(base, name, base_f.path)
+                    if name not in merged_set:
+                        behind.write(name, base)
+                    else:
+                        models = [f.tensor(name) for f in model_fs]
+                        if check_finite_values:
+                            for f, m in zip(model_fs, models):
+                                _check_finite(m, name, f.path)
+                        out = fn(base, models, **kw)
+                        if out.shape != base.shape or out.dtype != base.dtype:
+                            raise RuntimeError(f"merge method {method!r} returned {out.dtype} {list(out.shape)} "
+                                               f"for tensor {name!r} ({base.dtype} {list(base.shape)})")
+                        behind.write(name, out)
+                        del models, out
+                        for f in model_fs:
+                            f.release(name)
+                    del base
+                    base_f.release(name)
+                behind.close()
+            except BaseException:
+                behind.abort()
+                raise
             writer.commit()
     finally:
+        if "token" in locals():
+            _buffers.reset(token)
         for f in [base_f, *model_fs]:
             f.close()

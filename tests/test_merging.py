@@ -223,15 +223,39 @@ def _reference_ties(base, models, density, weights):
     return base + (weighted * agree).sum(0) / divisor
 
 
+def _splitmix64(seed, k):
+    """Output k (1-based) of SplitMix64 seeded with `seed`, in Python integers (Steele, Lea & Flood 2014)."""
+    m = (1 << 64) - 1
+    z = (seed + k * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def test_dare_uniforms_are_splitmix64():
+    from models.merge_kernels import uniforms
+
+    assert _splitmix64(0, 1) == 0xE220A8397B1DCDAF  # the generator's published first output for seed 0
+    seed = 0xDEADBEEF12345678
+    got = uniforms(seed, 1000, 5)
+    assert got.dtype.name == "float32"
+    assert [float(u) for u in got] == [(_splitmix64(seed, 1001 + i) >> 40) / 2 ** 24 for i in range(5)]
+
+
 def _reference_dare(base, models, density, weights, seed):
+    from models.merge_kernels import uniforms
+
     d = _stacked(base, models)
-    keep = torch.rand(d.shape, generator=torch.Generator().manual_seed(seed)) < density
+    seeds = torch.randint(-2 ** 63, 2 ** 63 - 1, (len(models),), generator=torch.Generator().manual_seed(seed),
+                          dtype=torch.int64).numpy().view("uint64")
+    u = torch.stack([torch.from_numpy(uniforms(int(s), 0, base.numel())) for s in seeds]).view(d.shape)
+    keep = u < density
     return base + ((_wcol(weights, len(models), d) * (d * keep / density)).sum(0))
 
 
 def _reference_varm(pivot, models):
     d = _stacked(pivot, models)
-    energy = (d ** 2).reshape(len(models), -1).mean(dim=1)
+    energy = (d.double() ** 2).reshape(len(models), -1).mean(dim=1).to(pivot.dtype)
     w = (energy / energy.sum()).view(-1, *[1] * pivot.dim())
     return pivot + (w * d).sum(0)
 
@@ -241,7 +265,7 @@ def _reference_sce(pivot, models, select_topk, masked_final_sum=True):
     var = torch.var(d, dim=0, unbiased=False)
     mask = _stable_topk(var, int(select_topk * int(torch.count_nonzero(var))))
     masked = d * mask
-    energy = (masked ** 2).reshape(len(models), -1).mean(dim=1)
+    energy = (masked.double() ** 2).reshape(len(models), -1).mean(dim=1).to(pivot.dtype)
     if float(energy.sum()) < 1e-6:
         energy = torch.ones_like(energy)
     w = (energy / energy.sum()).view(-1, *[1] * pivot.dim())
@@ -253,9 +277,16 @@ def _reference_sce(pivot, models, select_topk, masked_final_sum=True):
 
 @pytest.mark.parametrize("n,numel,ints", [(1, 70_001, False), (3, 200_003, True), (3, 150_000, False),
                                           (8, 90_000, True), (2, 5_000, True)])
-def test_methods_equal_whole_tensor_formulas(n, numel, ints):
+@pytest.mark.parametrize("kernels", [True, False], ids=["fused", "torch"])
+def test_methods_equal_whole_tensor_formulas(n, numel, ints, kernels, monkeypatch):
     # several chunks, the sampled selection path (numel above the direct-selection size), ties at the top-k
-    # cut-off (integer deltas), more models than the in-order sum handles (8); bit-identical results
+    # cut-off (integer deltas), more models than the in-order sum handles (8); bit-identical results, from the
+    # fused numba loops and from the torch ops
+    import models.merging as merging
+
+    if kernels and not merging.K.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(merging, "KERNELS", kernels)
     g = torch.Generator().manual_seed(numel + n)
     base = torch.randn(1, numel, generator=g)
     if ints:

@@ -1,0 +1,299 @@
+"""Fused per-element loops for models.merging, compiled with numba.
+
+A merge written as torch ops makes one pass over memory per op (TIES is ~30 of them per chunk); these loops
+make one pass per stage, with the same float operations in the same order, so their results equal the
+torch formulas in models.merging bit for bit (tests/test_merging.py runs both). Each works on one chunk:
+`b` the base values, `ms` a tuple of the models' values (1 to 5 of them: beyond 5 torch sums stacked rows in
+an order of its own and models.merging uses its torch path), all of the working dtype (float32 or float64);
+`s` is the chunk's flat offset in the tensor (for the top-k cut-off by index and for DARE's counter).
+Scalars come in already rounded to the working dtype, as torch rounds a Python number against a tensor.
+The loops release the GIL, so models.merging runs chunks on several threads.
+
+AVAILABLE is False when numba cannot be imported; models.merging then uses its torch path (same results).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is in requirements.txt
+    numba = None
+
+AVAILABLE = numba is not None
+MAX_MODELS = 5
+
+# SplitMix64 (Steele, Lea & Flood 2014): output k of the generator seeded with `seed` is mix(seed + k * GAMMA)
+GAMMA = np.uint64(0x9E3779B97F4A7C15)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def uniforms(seed: int, start: int, count: int) -> np.ndarray:
+    """DARE's uniforms in [0, 1) as float32 (24 random bits, like torch.rand): element i of a tensor is output
+    i + 1 of SplitMix64 seeded with `seed`, so any chunk is computed on its own. Plain numpy (the reference
+    and the torch path); the kernels inline the same arithmetic."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + (np.arange(start + 1, start + count + 1, dtype=np.uint64) * GAMMA)
+        z = (z ^ (z >> np.uint64(30))) * MIX1
+        z = (z ^ (z >> np.uint64(27))) * MIX2
+        z ^= z >> np.uint64(31)
+    return ((z >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)).astype(np.float32)
+
+
+if AVAILABLE:
+    _jit = numba.njit(nogil=True, cache=True, error_model="numpy")
+
+    @_jit
+    def weighted_sum(b, ms, w, lam, out):  # pragma: no cover - compiled
+        """out = b + lam * sum_j (m_j - b) * w_j  (task arithmetic; VaRM with lam = 1)."""
+        n = len(ms)
+        for i in range(b.size):
+            bi = b[i]
+            acc = (ms[0][i] - bi) * w[0]
+            for j in range(1, n):
+                acc = acc + (ms[j][i] - bi) * w[j]
+            out[i] = bi + lam * acc
+
+    @_jit
+    def _kept(a, thr, cut, gi):  # pragma: no cover - compiled
+        """In the top-k of (threshold, cut): above the threshold, or equal to it at a flat index below cut."""
+        return a > thr or (a == thr and gi < cut)
+
+    @_jit
+    def scan_abs_delta(b, m, hi, lo, inside):  # pragma: no cover - compiled
+        """One pass of the top-k selection over |m - b|: (count of values > hi, count of values in [lo, hi],
+        whether a NaN was seen), the values in [lo, hi] stored at the front of `inside`. Branch-free (the
+        comparisons are coin flips at TIES' densities): every value is stored, the position advances on a hit."""
+        above = 0
+        c = 0
+        nan = False
+        for i in range(b.size):
+            x = abs(m[i] - b[i])
+            above += x > hi
+            inside[c] = x
+            c += (x >= lo) & (x <= hi)
+            nan |= x != x
+        return above, c, nan
+
+    @_jit
+    def scan_values(v, hi, lo, inside):  # pragma: no cover - compiled
+        """scan_abs_delta over given non-negative values."""
+        above = 0
+        c = 0
+        nan = False
+        for i in range(v.size):
+            x = v[i]
+            above += x > hi
+            inside[c] = x
+            c += (x >= lo) & (x <= hi)
+            nan |= x != x
+        return above, c, nan
+
+    @_jit
+    def find_abs_delta_equal(b, m, thr, need):  # pragma: no cover - compiled
+        """(count of |m - b| == thr, index of the need-th of them or -1 when fewer)."""
+        c = 0
+        for i in range(b.size):
+            if abs(m[i] - b[i]) == thr:
+                c += 1
+                if c == need:
+                    return c, i
+        return c, -1
+
+    @_jit
+    def find_value_equal(v, thr, need):  # pragma: no cover - compiled
+        """find_abs_delta_equal over given values."""
+        c = 0
+        for i in range(v.size):
+            if v[i] == thr:
+                c += 1
+                if c == need:
+                    return c, i
+        return c, -1
+
+    BLOCK = 2048  # elements per block: a block's per-model values stay in the L1/L2 cache
+
+    @_jit
+    def ties_chunk(b, ms, w, thr, cut, s, lam, uniform, eps, one, out):  # pragma: no cover - compiled
+        """TIES on a chunk: trim each delta to its top-k (thr[j], cut[j]), weight, elect the sign of the sum
+        (0 -> +), average the agreeing entries (divisor: their count, at least 1, when `uniform`; else their
+        weights' sum, 1 where below eps), out = b + lam * mixed / divisor. Block by block, model by model in
+        the inner loops (simple loops over the elements)."""
+        n = len(ms)
+        zero = one - one
+        x = np.empty((n, BLOCK), dtype=b.dtype)
+        total = np.empty(BLOCK, dtype=b.dtype)
+        mixed = np.empty(BLOCK, dtype=b.dtype)
+        div = np.empty(BLOCK, dtype=b.dtype)
+        for i0 in range(0, b.size, BLOCK):
+            m = min(BLOCK, b.size - i0)
+            total[:m] = zero
+            mixed[:m] = zero
+            div[:m] = zero
+            bb, oo = b[i0:i0 + m], out[i0:i0 + m]  # views: indices from range() need no wraparound checks
+            for j in range(n):
+                mj, xj, tj, cj, wj = ms[j][i0:i0 + m], x[j], thr[j], cut[j] - s - i0, w[j]
+                for i in range(m):
+                    d = mj[i] - bb[i]
+                    a = abs(d)
+                    keep = (a > tj) | ((a == tj) & (i < cj))
+                    v = (d if keep else zero) * wj
+                    xj[i] = v
+                    total[i] = total[i] + v
+            for j in range(n):
+                xj = x[j]
+                add = one if uniform else w[j]
+                for i in range(m):
+                    v = xj[i]
+                    up = total[i] >= 0
+                    agree = ((v > 0) & up) | ((v < 0) & (not up))
+                    mixed[i] = mixed[i] + (v if agree else zero)
+                    div[i] = div[i] + (add if agree else zero)
+            for i in range(m):
+                dv = div[i]
+                if uniform:
+                    dv = one if dv < one else dv
+                else:
+                    dv = one if abs(dv) < eps else dv
+                oo[i] = bb[i] + (lam * mixed[i]) / dv
+
+    @_jit
+    def dare_chunk(b, ms, w, seeds, s, density, rescale, lam, one, out):  # pragma: no cover - compiled
+        """DARE on a chunk: keep delta entry i of model j where its uniform (SplitMix64 output s + i + 1 of
+        seeds[j]) is below `density`, divide the kept by `density` when `rescale`, weight, sum;
+        out = b + lam * sum."""
+        n = len(ms)
+        zero = one - one
+        for i in range(b.size):
+            bi = b[i]
+            k = np.uint64(s + i + 1)
+            acc = zero
+            for j in range(n):
+                z = seeds[j] + k * GAMMA
+                z = (z ^ (z >> np.uint64(30))) * MIX1
+                z = (z ^ (z >> np.uint64(27))) * MIX2
+                z = z ^ (z >> np.uint64(31))
+                u = np.float32(z >> np.uint64(40)) * np.float32(2.0 ** -24)
+                d = ms[j][i] - bi
+                if not u < density:
+                    d = d * zero
+                if rescale:
+                    d = d / density
+                d = d * w[j]
+                acc = d if j == 0 else acc + d
+            out[i] = bi + lam * acc
+
+    @_jit
+    def welford_var(b, ms, var):  # pragma: no cover - compiled
+        """var = torch.var(stacked deltas, dim=0, unbiased=False): Welford's recurrence in float64, rounded to
+        var's dtype (what torch does per position)."""
+        n = len(ms)
+        for i in range(b.size):
+            bi = b[i]
+            mean = np.float64(ms[0][i] - bi)
+            m2 = 0.0
+            for j in range(1, n):
+                x = np.float64(ms[j][i] - bi)
+                delta = x - mean
+                mean = mean + delta / (j + 1)
+                m2 = m2 + (x - mean) * delta
+            var[i] = m2 / n
+
+    @_jit
+    def energy_sums(b, ms, var, thr, cut, s, sums):  # pragma: no cover - compiled
+        """sums[j] = sum of (d_j masked)^2 in float64, the mask selecting positions whose variance is in the
+        top-k (thr, cut) (thr < 0: every position). Eight running sums (i mod 8), added pairwise at the end:
+        a single one would wait on each addition."""
+        n = len(ms)
+        c = cut - s
+        size = b.size
+        acc = np.zeros(8)
+        for j in range(n):
+            mj = ms[j]
+            acc[:] = 0.0
+            if thr < 0:
+                for i in range(size):
+                    d = np.float64(mj[i] - b[i])
+                    acc[i & 7] += d * d
+            else:
+                for i in range(size):
+                    v = var[i]
+                    d = np.float64(mj[i] - b[i])
+                    d = d if (v > thr) | ((v == thr) & (i < c)) else 0.0
+                    acc[i & 7] += d * d
+            sums[j] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+
+    @_jit
+    def sce_chunk(b, ms, var, thr, cut, s, masked, w, eps, one, out):  # pragma: no cover - compiled
+        """SCE's last stage on a chunk: the deltas (masked by the variance top-k when `masked`; thr < 0
+        selects all), the sign of their sum elected (0 -> +), agreeing entries weighted by w:
+        out = b + sum_j w_j d_j [agree] / sum_j w_j [agree] (denominator 1 where below eps). Block by block."""
+        n = len(ms)
+        zero = one - one
+        sel = np.empty(BLOCK, dtype=np.bool_)
+        total = np.empty(BLOCK, dtype=b.dtype)
+        num = np.empty(BLOCK, dtype=b.dtype)
+        den = np.empty(BLOCK, dtype=b.dtype)
+        for i0 in range(0, b.size, BLOCK):
+            m = min(BLOCK, b.size - i0)
+            bb, oo = b[i0:i0 + m], out[i0:i0 + m]
+            if masked and thr >= 0:
+                vv, c = var[i0:i0 + m], cut - s - i0
+                for i in range(m):
+                    sel[i] = (vv[i] > thr) | ((vv[i] == thr) & (i < c))
+            else:
+                sel[:m] = True
+            total[:m] = zero
+            num[:m] = zero
+            den[:m] = zero
+            for j in range(n):
+                mj = ms[j][i0:i0 + m]
+                for i in range(m):
+                    d = mj[i] - bb[i]
+                    total[i] = total[i] + (d if sel[i] else zero)
+            for j in range(n):
+                mj, wj = ms[j][i0:i0 + m], w[j]
+                for i in range(m):
+                    d = mj[i] - bb[i]
+                    up = total[i] >= 0
+                    agree = sel[i] & (((d > 0) & up) | ((d < 0) & (not up)))  # unselected: d is 0
+                    num[i] = num[i] + (d * wj if agree else zero)
+                    den[i] = den[i] + (wj if agree else zero)
+            for i in range(m):
+                dn = den[i]
+                oo[i] = bb[i] + num[i] / (one if abs(dn) < eps else dn)
+
+
+def load(dtypes: tuple = (np.float32,)) -> float:
+    """Compile (first use on this machine) or load from numba's cache every loop for the given working dtypes,
+    by running each on a few elements; returns the seconds it took. A merge does this on first use anyway;
+    benchmarks call it first to report it apart (it is once per process, ~0.3 s from the cache)."""
+    import time
+
+    if not AVAILABLE:
+        return 0.0
+    t = time.perf_counter()
+    for dt in dtypes:
+        one = dt(1.0)
+        b = np.zeros(4, dtype=dt)
+        ms = (b + one, b - one)
+        w = np.ones(2, dtype=dt)
+        out = np.empty(4, dtype=dt)
+        thr, cut = np.array([0.5, 0.5]), np.zeros(2, dtype=np.int64)
+        weighted_sum(b, ms, w, one, out)
+        scan_abs_delta(b, ms[0], 2.0, 0.5, np.empty(4, dtype=dt))
+        scan_values(b, 2.0, 0.5, np.empty(4, dtype=dt))
+        find_abs_delta_equal(b, ms[0], 1.0, 1)
+        find_value_equal(b, 0.0, 1)
+        ties_chunk(b, ms, w, thr, cut, 0, one, True, one, one, out)
+        ties_chunk(b, ms, w, thr, cut, 0, one, False, one, one, out)
+        dare_chunk(b, ms, w, np.zeros(2, dtype=np.uint64), 0, dt(0.5), True, one, one, out)
+        dare_chunk(b, ms, w, np.zeros(2, dtype=np.uint64), 0, dt(0.5), False, one, one, out)
+        var = np.empty(4, dtype=dt)
+        welford_var(b, ms, var)
+        energy_sums(b, ms, var, -1.0, 0, 0, np.empty(2))
+        energy_sums(b, ms, b, -1.0, 0, 0, np.empty(2))
+        for masked in (True, False):
+            sce_chunk(b, ms, var, 0.5, 0, 0, masked, w, one, one, out)
+    return time.perf_counter() - t
