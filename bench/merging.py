@@ -10,8 +10,11 @@ the end unless MERGE_BENCH_KEEP=1.
 Every measurement runs in a fresh subprocess (`python -m bench.merging --child ...`) with the page cache warm:
   - read: the four input files read once, both through safetensors (every tensor by get_tensor) and as plain
     16 MB chunks (readinto); `read_s` is the faster of the two;
+  - write: the base's tensors written to one output by the merge's SafetensorsWriter (fsync, rename): the
+    output side alone; read_s + write_s is the I/O floor of a merge on this disk;
   - merge: merge_safetensors(method, base, fine-tunes, out) including the output write; wall time and peak RSS
-    (VmHWM of /proc/self/status, which includes the ~0.3 GB of the imports, also reported on its own).
+    (VmHWM of /proc/self/status, which includes the ~0.3 GB of the imports, also reported on its own). The
+    compiled loops are loaded first (models.merge_kernels.load, once per process) and timed apart.
 Fastest of 3 repetitions (small) or 2 (large), the read and every method run in turn inside each repetition so
 load from other processes hits them alike. After the first small run of each method, the output is checked
 against merge_state_dicts of the same module on a few tensors (DARE, which draws random masks: each element
@@ -478,9 +481,12 @@ _DESCRIPTION = ("Merge speed of models.merging.merge_safetensors (task_arithmeti
                 "sce, varm; other arguments default) on a locally built float32 Llama, base + 3 fine-tunes "
                 "(base + seeded noise), one safetensors file each: {what}. Each merge runs in a fresh subprocess, "
                 "output write included; `read_s` is the time to only read the four inputs once (page cache warm, "
-                "the faster of safetensors get_tensor and plain 16 MB reads); peak RSS is VmHWM. Fastest of {reps} "
-                "repetitions, the read and the methods in turn inside each. Goal: every method within ~3x of "
-                "read_s, peak memory near one tensor per model (largest tensor x 5) above the imports. With "
+                "the faster of safetensors get_tensor and plain 16 MB reads); `write_s` is the time to only write one "
+                "output (the base's tensors through the merge's writer, fsync and rename included) and `io_floor_s` "
+                "= read_s + write_s, what any merge spends on this disk; `kernel_load_s` (not in the merge time, "
+                "once per process) loads the compiled loops from numba's cache; peak RSS is VmHWM. Fastest of {reps} "
+                "repetitions, the read, the write and the methods in turn inside each. Goal: every method within "
+                "~3x of read_s, peak memory near one tensor per model (largest tensor x 5) above the imports. With "
                 "MERGEKIT_PYTHON set to a Python that has mergekit 0.1.5, mergekit's run_merge on the same inputs "
                 "(timed the same way; no VaRM there) adds a `mergekit` table and a `mergekit_over_ours` column.")
 
