@@ -77,6 +77,26 @@ if AVAILABLE:
         return above, c, nan
 
     @_jit
+    def scan_abs_deltas(b, ms, his, los, inside, counts):  # pragma: no cover - compiled
+        """scan_abs_delta for every model in one call: model j's bracket is [los[j], his[j]], its values in
+        the bracket go to the front of inside[j], counts[j] = (count above, count inside); returns whether a
+        NaN was seen."""
+        nan = False
+        for j in range(len(ms)):
+            mj, hi, lo, row = ms[j], his[j], los[j], inside[j]
+            above = 0
+            c = 0
+            for i in range(b.size):
+                x = abs(mj[i] - b[i])
+                above += x > hi
+                row[c] = x
+                c += (x >= lo) & (x <= hi)
+                nan |= x != x
+            counts[j, 0] = above
+            counts[j, 1] = c
+        return nan
+
+    @_jit
     def scan_values(v, hi, lo, inside):  # pragma: no cover - compiled
         """scan_abs_delta over given non-negative values."""
         above = 0
@@ -283,6 +303,7 @@ def load(dtypes: tuple = (np.float32,)) -> float:
         thr, cut = np.array([0.5, 0.5]), np.zeros(2, dtype=np.int64)
         weighted_sum(b, ms, w, one, out)
         scan_abs_delta(b, ms[0], 2.0, 0.5, np.empty(4, dtype=dt))
+        scan_abs_deltas(b, ms, np.ones(2), np.zeros(2), np.empty((2, 4), dtype=dt), np.empty((2, 2), np.int64))
         scan_values(b, 2.0, 0.5, np.empty(4, dtype=dt))
         find_abs_delta_equal(b, ms[0], 1.0, 1)
         find_value_equal(b, 0.0, 1)

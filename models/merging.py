@@ -270,20 +270,34 @@ Scan = Callable[[int, int, float, float], tuple[int, Tensor]]
 Find = Callable[[int, int, float, int], tuple[int, int]]
 
 
+def _bracket(sample: Tensor, numel: int, k: int) -> tuple[float, float]:
+    """(hi, lo): a sample's bracket of the k-th largest of numel values, 4 standard deviations wide."""
+    s = sample.numel()
+    q = k / numel
+    margin = 4.0 * math.sqrt(s * q * (1 - q)) + 16
+    hi_i, lo_i = int(q * s - margin), int(q * s + margin)  # ranks in descending order, 0-based
+    ks = [s - r - 1 for r in (hi_i, lo_i) if 0 <= r < s]  # 0-based ascending positions
+    part = np.partition(sample.numpy(), ks) if ks else None  # one introselect for both
+    hi = float(part[s - hi_i - 1]) if hi_i >= 0 else math.inf
+    lo = float(part[s - lo_i - 1]) if lo_i < s else -math.inf
+    return hi, lo
+
+
 def _select(values: Callable[[int, int], Tensor], spans: Sequence[tuple[int, int]], numel: int, k: int,
-            sample: Tensor, fast: tuple[Scan, Find] | None = None) -> tuple[float, int]:
+            sample: Tensor | None, fast: tuple[Scan, Find] | None = None,
+            scanned: tuple[float, float, int, list[Tensor]] | None = None) -> tuple[float, int]:
     """(threshold, cut) of the top-k of non-negative values (given chunk by chunk): the k largest are the
     values > threshold plus those == threshold at flat index < cut (a stable descending sort's first k).
     Exact for any input; linear time: a sample brackets the k-th largest in [lo, hi], one pass counts the
     values above hi and collects those inside, and kthvalue runs on the few collected. `fast` does the passes on
     one chunk in fused loops: scan(a, b, hi, lo) -> (count above hi, the values in [lo, hi]), and
-    find(a, b, thr, need) -> (count equal to thr, index in the chunk of the need-th of them or -1)."""
-    s = sample.numel()
-    q = k / numel
-    margin = 4.0 * math.sqrt(s * q * (1 - q)) + 16
-    hi_i, lo_i = int(q * s - margin), int(q * s + margin)  # ranks in descending order, 0-based
-    hi = _kth(sample, s - hi_i) if hi_i >= 0 else math.inf
-    lo = _kth(sample, s - lo_i) if lo_i < s else -math.inf
+    find(a, b, thr, need) -> (count equal to thr, index in the chunk of the need-th of them or -1).
+    `scanned` = (hi, lo, count above hi, the values in [lo, hi] chunk by chunk): the bracket and the scan
+    done already (several models' in one pass), lo != hi."""
+    if scanned is not None:
+        hi, lo = scanned[:2]
+    else:
+        hi, lo = _bracket(sample, numel, k)
     shrink = torch.nn.functional.hardshrink
 
     def scan(a: int, b: int) -> tuple[int, Tensor | int]:
@@ -299,7 +313,8 @@ def _select(values: Callable[[int, int], Tensor], spans: Sequence[tuple[int, int
             return above, z[z != 0]
         return above, x[(x >= lo) & (x <= hi)]
 
-    scans = _map(scan, spans)
+    scans = ([(scanned[2] if i == 0 else 0, c) for i, c in enumerate(scanned[3])] if scanned is not None
+             else _map(scan, spans))
     above = sum(a for a, _ in scans)
     n_eq = sum(c for _, c in scans) if lo == hi else 0
     inside = [] if lo == hi else [c for _, c in scans]
@@ -355,13 +370,63 @@ def _threshold(values: Callable[[int, int], Tensor], job: _Job, k: int,
     return _select(values, job.spans, job.numel, k, sampled(max(1, job.numel // _SAMPLE)), fast)
 
 
+_scratch = threading.local()  # per thread: the fused scans' collection buffer, reused
+
+
+def _scratch_buf(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    size = math.prod(shape)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < size * dtype.itemsize:
+        buf = _scratch.buf = np.empty(max(size * dtype.itemsize, 1 << 20), dtype=np.uint8)
+    return buf[:size * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def _nan_error() -> ValueError:
+    return ValueError("top-k selection over values that include NaN (a non-finite input)")
+
+
 def _collect(scan_fn: Callable[..., tuple[int, int, bool]], n: int, *args) -> tuple[int, Tensor]:
     """Run a fused scan into a buffer of n values: (count above, the collected values as a tensor)."""
-    buf = np.empty(n, dtype=args[0].dtype)
+    buf = _scratch_buf((n,), args[0].dtype)
     above, c, nan = scan_fn(*args, buf)
     if nan:
-        raise ValueError("top-k selection over values that include NaN (a non-finite input)")
-    return above, torch.from_numpy(buf[:c])
+        raise _nan_error()
+    return above, torch.from_numpy(buf[:c].copy())
+
+
+def _ties_cuts_fused(job: _Job, k: int) -> list[tuple[float, int]] | None:
+    """Every model's top-k (threshold, cut) of |d_j| with one fused pass for all models (their brackets from
+    samples first); None when a sample cannot bracket (many equal values: the per-model path handles it)."""
+    step = max(1, job.numel // _SAMPLE)
+    base_s = job.base[::step].to(job.dt)
+    samples = [(m[::step].to(job.dt) - base_s).abs_() for m in job.models]
+    brackets = [_bracket(smp, job.numel, k) for smp in samples]
+    if any(hi == lo for hi, lo in brackets):
+        return None
+    his = np.array([hi for hi, _ in brackets])
+    los = np.array([lo for _, lo in brackets])
+
+    def scan(a: int, b: int) -> tuple[np.ndarray, list[Tensor]]:
+        bb, ms = job.np_chunk(a, b)
+        inside = _scratch_buf((job.n, b - a), bb.dtype)
+        counts = np.empty((job.n, 2), dtype=np.int64)
+        if K.scan_abs_deltas(bb, ms, his, los, inside, counts):
+            raise _nan_error()
+        return counts[:, 0].copy(), [torch.from_numpy(inside[j, :counts[j, 1]].copy()) for j in range(job.n)]
+
+    chunks = job.each(scan)
+
+    def finish(j: int) -> tuple[float, int]:
+        above = int(sum(int(c[0][j]) for c in chunks))
+        find = functools.partial(_find_abs_delta_equal, job, j)
+        return _select(lambda s, e: job.delta(j, s, e, job.b(s, e)).abs_(), job.spans, job.numel, k, None,
+                       (None, find), (his[j], los[j], above, [c[1][j] for c in chunks]))
+
+    return _map(finish, [(j,) for j in range(job.n)], min_items=2)  # the models' selections side by side
+
+
+def _find_abs_delta_equal(job: _Job, j: int, a: int, b: int, thr: float, need: int) -> tuple[int, int]:
+    return K.find_abs_delta_equal(job.np_values(job.base, a, b), job.np_values(job.models[j], a, b), thr, need)
 
 
 def _keep(x: Tensor, thr: float, cut: int, s: int, e: int) -> Tensor:
@@ -479,6 +544,9 @@ def ties(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
     w = job.scalars(wv)
     k = max(int(density * job.numel), 1) if density > 0 else 0
 
+    fused = (job.fast and 0 < k < job.numel and job.numel > _DIRECT_SELECT
+             and _ties_cuts_fused(job, k))  # one pass for all models; else model by model
+
     def model_cut(j: int) -> tuple[float, int] | None:
         """(threshold, cut) of model j's top-k; None: keep all."""
         if k >= job.numel:
@@ -498,7 +566,7 @@ def ties(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
         return _threshold(lambda s, e: job.delta(j, s, e, job.b(s, e)).abs_(), job, k,
                           lambda st: (job.models[j][::st].to(job.dt) - job.base[::st].to(job.dt)).abs_(), fast)
 
-    cuts = [model_cut(j) for j in range(job.n)]  # each selection's passes run on the threads chunk by chunk
+    cuts = fused or [model_cut(j) for j in range(job.n)]  # each selection's passes run on the threads
     if job.fast:
         thr = np.array([-1.0 if c is None else c[0] for c in cuts])  # -1: keep every entry
         cut = np.array([0 if c is None else c[1] for c in cuts], dtype=np.int64)
