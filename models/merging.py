@@ -885,7 +885,8 @@ def merge_state_dicts(method: str, base_sd: Mapping[str, Tensor], sds: Sequence[
 
 
 def merge_safetensors(method: str, base_path: str, model_paths: Sequence[str], out_path: str, *,
-                      passthrough: Iterable[str] = (), check_finite_values: bool = True, **kw) -> None:
+                      passthrough: Iterable[str] = (), check_finite_values: bool = True,
+                      on_tensor: Callable[[str], None] | None = None, **kw) -> None:
     """Streaming merge of safetensors files into out_path (see the module docstring); `kw` goes to the method.
 
     Every tensor of the base is merged with the same-named tensor of each model, except those named in
@@ -894,6 +895,8 @@ def merge_safetensors(method: str, base_path: str, model_paths: Sequence[str], o
     tensor and file): an unreadable, foreign or truncated file; a tensor of the models missing from the base;
     a tensor of the base missing from a model; a shape mismatch. A NaN or inf in an input tensor
     (check_finite_values) is found as that tensor is read and aborts the merge: no output, no temporary file.
+    `on_tensor(name)` is called before each tensor; an exception it raises (a signal handler's, say) stops the
+    merge the same way.
     """
     fn = _get_method(method)
     if not model_paths:
@@ -933,6 +936,8 @@ def merge_safetensors(method: str, base_path: str, model_paths: Sequence[str], o
             behind = _WriteBehind(writer, buffers)
             try:
                 for name in layout:
+                    if on_tensor is not None:
+                        on_tensor(name)
                     base = base_f.tensor(name)
                     if check_finite_values:
                         _check_finite(base, name, base_f.path)

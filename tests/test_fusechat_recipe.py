@@ -454,3 +454,75 @@ def test_a_source_reads_the_pivot_mask_through_the_text_and_the_ce_counts_only_m
     assert out["num_predicted"].item() == len(terms)
     assert out["mean_ce"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
     assert out["loss_mask"][0].tolist() == seq_mask.tolist()
+
+
+def test_sigterm_during_the_merge_stage_stops_at_the_next_tensor_and_leaves_nothing(tmp_path):
+    # a real SIGTERM to a process in FuseChat's merge (the command line records SIGTERM instead of dying): the
+    # merge stops at the next tensor with RunInterrupted (exit 143), its temporary folder and file are gone; a
+    # folder left by a merge killed earlier is removed by the next merge, which completes
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import ROOT
+
+    g = torch.Generator().manual_seed(0)
+    dirs = []
+    for name in ("pivot", "t1", "t2"):
+        d = tmp_path / name
+        d.mkdir()
+        save_file({f"w{i}": torch.randn(8, generator=g) for i in range(6)}, str(d / "model.safetensors"))
+        (d / "config.json").write_text("{}")
+        dirs.append(d)
+    out = tmp_path / "run" / "merged"
+    out.parent.mkdir()
+    script = f"""
+import signal, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from recipes.engine.early_signals import record_early_signal
+from recipes.engine.loop import RunInterrupted
+from models.merging import register_merge, task_arithmetic
+from recipes.fusechat.merge import merge_models
+
+signal.signal(signal.SIGTERM, record_early_signal)
+
+@register_merge("slow_ta")
+def slow_ta(b, models):
+    print("tensor", flush=True)
+    time.sleep(float(sys.argv[1]))
+    return task_arithmetic(b, models)
+
+try:
+    merge_models("slow_ta", Path({str(dirs[0])!r}), [Path({str(dirs[1])!r}), Path({str(dirs[2])!r})],
+                 Path({str(out)!r}))
+except RunInterrupted as e:
+    print("interrupted:", e, file=sys.stderr)
+    sys.exit(e.exit_code)
+print("done", flush=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script, "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "tensor"  # the first tensor is being merged
+        assert [p.name for p in out.parent.iterdir()] == [f"merged.tmp{proc.pid}"]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM during the merge stage (slow_ta, tensor w1)" in err  # stopped before the second tensor
+    assert list(out.parent.iterdir()) == []  # no folder, no temporary file
+    stale = out.parent / "merged.tmp99999999"  # as a SIGKILLed merge leaves it
+    stale.mkdir()
+    (stale / ".model.safetensors.x.tmp").write_bytes(b"\0" * 64)
+    r = subprocess.run([sys.executable, "-c", script, "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("done"), r.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged"]
+    merged = load_file(str(out / "model.safetensors"))
+    ref = [load_file(str(d / "model.safetensors")) for d in dirs]
+    for k, v in merged.items():
+        b = ref[0][k]
+        assert torch.equal(v, b + 0.3 * ((ref[1][k] - b) + (ref[2][k] - b)))  # task arithmetic, lam 0.3

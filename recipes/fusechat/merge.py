@@ -22,7 +22,15 @@ from recipes.engine.errors import ConfigError
 from recipes.engine.pipeline import fingerprint
 from recipes.engine.runs import write_json_atomic
 
-from .common import discard_stale, fusion_datamodule, input_device, load_fusion_model, load_tokenizer, ranks
+from .common import (
+    check_signals,
+    discard_stale,
+    fusion_datamodule,
+    input_device,
+    load_fusion_model,
+    load_tokenizer,
+    ranks,
+)
 from .common import model_dir as entry_model_dir
 from .config import MERGE_KEYS
 
@@ -44,17 +52,25 @@ def merge_models(method: str, pivot_dir: Path, target_dirs: Sequence[Path], out_
     for d in [pivot_dir, *target_dirs]:
         if not (Path(d) / "model.safetensors").exists():
             raise ConfigError(f"{d}/model.safetensors is missing (a single-file safetensors model is needed to merge).")
+    # a merge killed before (SIGKILL after SLURM's KillWait) left its temporary folder, as big as the model:
+    # the run directory belongs to this process, so every such folder is stale
+    for stale in out_dir.parent.glob(out_dir.name + ".tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for f in Path(pivot_dir).iterdir():  # config, generation config, tokenizer
-        if f.is_file() and f.name != "model.safetensors" and not f.name.endswith(".safetensors.index.json"):
-            shutil.copy2(f, tmp / f.name)
-    merge_safetensors(method, str(Path(pivot_dir) / "model.safetensors"),
-                      [str(Path(d) / "model.safetensors") for d in target_dirs], str(tmp / "model.safetensors"), **kw)
-    if tokenizer is not None:  # the pivot's tokenizer may live outside its model directory
-        tokenizer.save_pretrained(str(tmp))
+    try:
+        for f in Path(pivot_dir).iterdir():  # config, generation config, tokenizer
+            if f.is_file() and f.name != "model.safetensors" and not f.name.endswith(".safetensors.index.json"):
+                shutil.copy2(f, tmp / f.name)
+        # SIGUSR1 / SIGTERM end the merge at the next tensor (RunInterrupted), well within SLURM's KillWait
+        merge_safetensors(method, str(Path(pivot_dir) / "model.safetensors"),
+                          [str(Path(d) / "model.safetensors") for d in target_dirs], str(tmp / "model.safetensors"),
+                          on_tensor=lambda name: check_signals(f"the merge stage ({method}, tensor {name})"), **kw)
+        if tokenizer is not None:  # the pivot's tokenizer may live outside its model directory
+            tokenizer.save_pretrained(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
