@@ -61,26 +61,11 @@ if AVAILABLE:
         return a > thr or (a == thr and gi < cut)
 
     @_jit
-    def scan_abs_delta(b, m, hi, lo, inside):  # pragma: no cover - compiled
-        """One pass of the top-k selection over |m - b|: (count of values > hi, count of values in [lo, hi],
-        whether a NaN was seen), the values in [lo, hi] stored at the front of `inside`. Branch-free (the
-        comparisons are coin flips at TIES' densities): every value is stored, the position advances on a hit."""
-        above = 0
-        c = 0
-        nan = False
-        for i in range(b.size):
-            x = abs(m[i] - b[i])
-            above += x > hi
-            inside[c] = x
-            c += (x >= lo) & (x <= hi)
-            nan |= x != x
-        return above, c, nan
-
-    @_jit
     def scan_abs_deltas(b, ms, his, los, inside, counts):  # pragma: no cover - compiled
-        """scan_abs_delta for every model in one call: model j's bracket is [los[j], his[j]], its values in
-        the bracket go to the front of inside[j], counts[j] = (count above, count inside); returns whether a
-        NaN was seen."""
+        """One pass of the top-k selection over |m_j - b| for every model given: (count of values > his[j],
+        count in [los[j], his[j]]) into counts[j], the values in the bracket to the front of inside[j]; returns
+        whether a NaN was seen. Branch-free (the comparisons are coin flips at TIES' densities): every value is
+        stored, the position advances on a hit."""
         nan = False
         for j in range(len(ms)):
             mj, hi, lo, row = ms[j], his[j], los[j], inside[j]
@@ -98,7 +83,8 @@ if AVAILABLE:
 
     @_jit
     def scan_values(v, hi, lo, inside):  # pragma: no cover - compiled
-        """scan_abs_delta over given non-negative values."""
+        """scan_abs_deltas' pass for one row of given non-negative values: (count > hi, count in [lo, hi], NaN
+        seen), the values in [lo, hi] to the front of `inside`."""
         above = 0
         c = 0
         nan = False
@@ -302,8 +288,9 @@ def load(dtypes: tuple = (np.float32,)) -> float:
         out = np.empty(4, dtype=dt)
         thr, cut = np.array([0.5, 0.5]), np.zeros(2, dtype=np.int64)
         weighted_sum(b, ms, w, one, out)
-        scan_abs_delta(b, ms[0], 2.0, 0.5, np.empty(4, dtype=dt))
-        scan_abs_deltas(b, ms, np.ones(2), np.zeros(2), np.empty((2, 4), dtype=dt), np.empty((2, 2), np.int64))
+        for models in (ms, ms[:1]):  # all models, and one (the per-model path)
+            scan_abs_deltas(b, models, np.ones(len(models)), np.zeros(len(models)), np.empty((2, 4), dtype=dt),
+                            np.empty((2, 2), np.int64))
         scan_values(b, 2.0, 0.5, np.empty(4, dtype=dt))
         find_abs_delta_equal(b, ms[0], 1.0, 1)
         find_value_equal(b, 0.0, 1)

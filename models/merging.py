@@ -405,16 +405,7 @@ def _ties_cuts_fused(job: _Job, k: int) -> list[tuple[float, int]] | None:
         return None
     his = np.array([hi for hi, _ in brackets])
     los = np.array([lo for _, lo in brackets])
-
-    def scan(a: int, b: int) -> tuple[np.ndarray, list[Tensor]]:
-        bb, ms = job.np_chunk(a, b)
-        inside = _scratch_buf((job.n, b - a), bb.dtype)
-        counts = np.empty((job.n, 2), dtype=np.int64)
-        if K.scan_abs_deltas(bb, ms, his, los, inside, counts):
-            raise _nan_error()
-        return counts[:, 0].copy(), [torch.from_numpy(inside[j, :counts[j, 1]].copy()) for j in range(job.n)]
-
-    chunks = job.each(scan)
+    chunks = job.each(lambda a, b: _scan_abs_deltas(job, a, b, range(job.n), his, los))
 
     def finish(j: int) -> tuple[float, int]:
         above = int(sum(int(c[0][j]) for c in chunks))
@@ -423,6 +414,19 @@ def _ties_cuts_fused(job: _Job, k: int) -> list[tuple[float, int]] | None:
                        (None, find), (his[j], los[j], above, [c[1][j] for c in chunks]))
 
     return _map(finish, [(j,) for j in range(job.n)], min_items=2)  # the models' selections side by side
+
+
+def _scan_abs_deltas(job: _Job, a: int, b: int, models: Sequence[int], his: np.ndarray,
+                     los: np.ndarray) -> tuple[np.ndarray, list[Tensor]]:
+    """The selection's pass over |d_j| on the chunk [a, b) for the given models (model models[i] bracketed by
+    [los[i], his[i]]): (count above the bracket per model, the values inside it per model)."""
+    bb = job.np_values(job.base, a, b)
+    ms = tuple(job.np_values(job.models[j], a, b) for j in models)
+    inside = _scratch_buf((len(ms), b - a), bb.dtype)
+    counts = np.empty((len(ms), 2), dtype=np.int64)
+    if K.scan_abs_deltas(bb, ms, his, los, inside, counts):
+        raise _nan_error()
+    return counts[:, 0].copy(), [torch.from_numpy(inside[i, :counts[i, 1]].copy()) for i in range(len(ms))]
 
 
 def _find_abs_delta_equal(job: _Job, j: int, a: int, b: int, thr: float, need: int) -> tuple[int, int]:
@@ -555,14 +559,11 @@ def ties(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
             return math.inf, 0
         fast = None
         if job.fast:
-            def scan(a: int, b: int, hi: float, lo: float, j: int = j) -> tuple[int, Tensor]:
-                return _collect(K.scan_abs_delta, b - a, job.np_values(job.base, a, b),
-                                job.np_values(job.models[j], a, b), hi, lo)
+            def scan(a: int, b: int, hi: float, lo: float) -> tuple[int, Tensor]:
+                above, inside = _scan_abs_deltas(job, a, b, [j], np.array([hi]), np.array([lo]))
+                return int(above[0]), inside[0]
 
-            def find(a: int, b: int, thr: float, need: int, j: int = j) -> tuple[int, int]:
-                return K.find_abs_delta_equal(job.np_values(job.base, a, b), job.np_values(job.models[j], a, b),
-                                              thr, need)
-            fast = (scan, find)
+            fast = (scan, functools.partial(_find_abs_delta_equal, job, j))
         return _threshold(lambda s, e: job.delta(j, s, e, job.b(s, e)).abs_(), job, k,
                           lambda st: (job.models[j][::st].to(job.dt) - job.base[::st].to(job.dt)).abs_(), fast)
 

@@ -500,3 +500,20 @@ def test_unknown_keyword_fails_before_writing(tmp_path):
     with pytest.raises(ValueError, match="densty"):
         merge_safetensors("ties", base, paths, out, densty=0.3)
     _assert_nothing_written(out)
+
+
+def test_ties_per_model_selection_equals_the_fused_one_and_the_formula(monkeypatch):
+    # the per-model selection runs when a sample cannot bracket one model's cut-off (many equal values); here it
+    # is forced on float deltas, where the fused pass for all models would otherwise run: the same bits
+    import models.merging as merging
+
+    if not merging.K.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(merging, "KERNELS", True)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(200_003, generator=g)
+    models = [base + 1e-3 * torch.randn(200_003, generator=g) for _ in range(3)]
+    fused = ties(base, models, density=0.3)
+    monkeypatch.setattr(merging, "_ties_cuts_fused", lambda *a: None)
+    assert torch.equal(ties(base, models, density=0.3), fused)
+    assert torch.equal(fused, _reference_ties(base, models, 0.3, None))
