@@ -3,9 +3,11 @@
 whole state dicts (merge_state_dicts) or to safetensors files (merge_safetensors).
 
 merge_safetensors streams: it validates every header first (names, shapes, sizes), then reads the inputs
-memory-mapped one tensor at a time and writes each merged tensor as soon as it is made, so memory stays near
-one tensor per model plus the one being written; the output appears atomically (temporary file, fsync,
-rename) or not at all. Bad inputs raise MergeInputError naming the tensor and the file (docs/merging.md).
+memory-mapped tensor by tensor and writes each merged tensor as soon as it is made (in file order, on a
+writer thread), so memory stays near one tensor per model plus the one being written. Small tensors (up to
+1/THREADS of the largest) are merged side by side, one per thread; a bigger one runs alone, split into
+chunks over the threads. The output appears atomically (temporary file, fsync, rename) or not at all. Bad
+inputs raise MergeInputError naming the tensor and the file (docs/merging.md).
 
 Each method runs in passes over cache-sized chunks of the flattened tensor, in place where it can, with the
 per-tensor statistics (top-k thresholds, weights) computed in earlier passes; the results are those of the
@@ -21,6 +23,8 @@ positions of non-zero variance, so a single model selects nothing and SCE return
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import contextvars
 import functools
@@ -57,20 +61,28 @@ _pool_lock = threading.Lock()
 def _map(fn: Callable[..., object], spans: Sequence[tuple], min_items: int = 4) -> list:
     """[fn(*span) for each span], in order, the spans shared among THREADS threads (in the calling thread when
     there are fewer than min_items, or when it is one of the threads itself)."""
-    global _pool
-    if THREADS <= 1 or len(spans) < min_items or threading.current_thread().name.startswith("merge-chunk"):
+    if THREADS <= 1 or len(spans) < min_items or _in_pool():
         return [fn(*span) for span in spans]
+    return list(_get_pool().map(lambda span: _on_pool_thread(fn, *span), spans))
+
+
+def _in_pool() -> bool:
+    """Whether this is one of the pool's threads (work it starts runs inline: the pool never waits on itself)."""
+    return threading.current_thread().name.startswith("merge-chunk")
+
+
+def _get_pool() -> ThreadPoolExecutor:
+    global _pool
     with _pool_lock:
         if _pool is None or _pool[:2] != (THREADS, os.getpid()):
             _pool = (THREADS, os.getpid(), ThreadPoolExecutor(THREADS, thread_name_prefix="merge-chunk"))
-        pool = _pool[2]
+        return _pool[2]
 
-    def run(span: tuple) -> object:
-        if torch.get_num_threads() != 1:  # this thread's own OpenMP setting
-            torch.set_num_threads(1)
-        return fn(*span)
 
-    return list(pool.map(run, spans))
+def _on_pool_thread(fn: Callable[..., object], *args) -> object:
+    if torch.get_num_threads() != 1:  # this thread's own OpenMP setting
+        torch.set_num_threads(1)
+    return fn(*args)
 
 
 __all__ = ["MERGE_METHODS", "MergeInputError", "register_merge", "task_vector", "topk_mask", "task_arithmetic",
@@ -424,7 +436,13 @@ def _scan_abs_deltas(job: _Job, a: int, b: int, models: Sequence[int], his: np.n
     ms = tuple(job.np_values(job.models[j], a, b) for j in models)
     inside = _scratch_buf((len(ms), b - a), bb.dtype)
     counts = np.empty((len(ms), 2), dtype=np.int64)
-    if K.scan_abs_deltas(bb, ms, his, los, inside, counts):
+    if bb.dtype == np.float32:
+        lo_bits = np.maximum(los, 0).astype(np.float32).view(np.uint32)  # |d| >= 0: a bracket below 0 is 0
+        nan = K.scan_abs_deltas_f32(bb, ms, his, lo_bits, his.astype(np.float32).view(np.uint32) - lo_bits,
+                                    inside, counts)
+    else:
+        nan = K.scan_abs_deltas(bb, ms, his, los, inside, counts)
+    if nan:
         raise _nan_error()
     return counts[:, 0].copy(), [torch.from_numpy(inside[i, :counts[i, 1]].copy()) for i in range(len(ms))]
 
@@ -931,36 +949,62 @@ def merge_safetensors(method: str, base_path: str, model_paths: Sequence[str], o
                                           f"{base_path} has {list(info.shape)}")
         merged_set = set(merged)
         layout = {name: (info.dtype, info.shape) for name, info in base_f.tensors.items()}
-        buffers = _Buffers()
+
+        def one(name: str) -> Tensor:
+            """The output tensor `name`: read (and checked), merged; its inputs' pages released."""
+            base = base_f.tensor(name)
+            if check_finite_values:
+                _check_finite(base, name, base_f.path)
+            if name not in merged_set:
+                return base
+            models = [f.tensor(name) for f in model_fs]
+            if check_finite_values:
+                for f, m in zip(model_fs, models):
+                    _check_finite(m, name, f.path)
+            out = fn(base, models, **kw)
+            if out.shape != base.shape or out.dtype != base.dtype:
+                raise RuntimeError(f"merge method {method!r} returned {out.dtype} {list(out.shape)} "
+                                   f"for tensor {name!r} ({base.dtype} {list(base.shape)})")
+            del models
+            for f in [base_f, *model_fs]:
+                f.release(name)
+            return out
+
+        # Tensors up to 1/THREADS of the largest are merged side by side, one per thread (each single-threaded:
+        # no split, no waiting on the other core), so the memory in use stays near one largest tensor per
+        # model; a bigger tensor waits for those and runs alone, split into chunks over the threads.
+        largest = max((base_f.tensors[n].numel for n in merged), default=0)
+        side_by_side = largest // THREADS if THREADS > 1 else -1
+        buffers = _Buffers(keep=4 + 2 * THREADS)
         token = _buffers.set(buffers)
+        inflight: collections.deque = collections.deque()  # (name, future), in file order
         with _one_thread(), SafetensorsWriter(out_path, layout, base_f.metadata) as writer:
             behind = _WriteBehind(writer, buffers)
+
+            def write_first() -> None:
+                name, fut = inflight.popleft()
+                behind.write(name, fut.result())
+
             try:
                 for name in layout:
                     if on_tensor is not None:
                         on_tensor(name)
-                    base = base_f.tensor(name)
-                    if check_finite_values:
-                        _check_finite(base, name, base_f.path)
-                    if name not in merged_set:
-                        behind.write(name, base)
+                    if base_f.tensors[name].numel <= side_by_side:
+                        while len(inflight) >= THREADS:
+                            write_first()
+                        inflight.append((name, _get_pool().submit(contextvars.copy_context().run,
+                                                                   _on_pool_thread, one, name)))
                     else:
-                        models = [f.tensor(name) for f in model_fs]
-                        if check_finite_values:
-                            for f, m in zip(model_fs, models):
-                                _check_finite(m, name, f.path)
-                        out = fn(base, models, **kw)
-                        if out.shape != base.shape or out.dtype != base.dtype:
-                            raise RuntimeError(f"merge method {method!r} returned {out.dtype} {list(out.shape)} "
-                                               f"for tensor {name!r} ({base.dtype} {list(base.shape)})")
-                        behind.write(name, out)
-                        del models, out
-                        for f in model_fs:
-                            f.release(name)
-                    del base
-                    base_f.release(name)
+                        while inflight:
+                            write_first()
+                        behind.write(name, one(name))
+                while inflight:
+                    write_first()
                 behind.close()
             except BaseException:
+                for _, fut in inflight:
+                    fut.cancel()
+                concurrent.futures.wait([fut for _, fut in inflight])
                 behind.abort()
                 raise
             writer.commit()

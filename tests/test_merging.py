@@ -517,3 +517,95 @@ def test_ties_per_model_selection_equals_the_fused_one_and_the_formula(monkeypat
     monkeypatch.setattr(merging, "_ties_cuts_fused", lambda *a: None)
     assert torch.equal(ties(base, models, density=0.3), fused)
     assert torch.equal(fused, _reference_ties(base, models, 0.3, None))
+
+
+def test_side_by_side_tensors_equal_the_in_memory_merge_and_stay_bounded(tmp_path, monkeypatch):
+    # merge_safetensors merges tensors up to 1/THREADS of the largest side by side (one per thread) and runs a
+    # bigger one alone: with 3 threads forced, a recording method sees at most 3 tensors at once, the large
+    # ones with nothing else under way, and the file equals merge_state_dicts tensor for tensor, in file order
+    import threading
+    import time
+
+    import models.merging as merging
+
+    monkeypatch.setattr(merging, "THREADS", 3)
+    g = torch.Generator().manual_seed(5)
+    shapes = {"emb": (300, 200), "l0.q": (60, 50), "l0.norm": (50,), "l0.mlp": (100, 110), "l1.q": (60, 50),
+              "l1.norm": (50,), "l1.mlp": (100, 110), "l2.mlp": (20_000,), "l2.q": (60, 50), "head": (250, 200)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    sds = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    save_file(base, str(tmp_path / "base.safetensors"))
+    paths = []
+    for i, sd in enumerate(sds):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file(sd, paths[-1])
+    active, seen, lock = set(), [], threading.Lock()
+
+    @register_merge("_test_recording_ties")
+    def recording(b, models, density=0.5):
+        with lock:
+            active.add(b.numel())
+            seen.append(frozenset(active))
+        time.sleep(0.02)  # long enough for the others to start if they were allowed to
+        try:
+            return ties(b, models, density=density)
+        finally:
+            with lock:
+                active.discard(b.numel())
+
+    out = str(tmp_path / "out" / "merged.safetensors")
+    try:
+        merge_safetensors("_test_recording_ties", str(tmp_path / "base.safetensors"), paths, out, density=0.3)
+    finally:
+        MERGE_METHODS.pop("_test_recording_ties")
+    largest = 300 * 200
+    assert max(len(s) for s in seen) >= 2  # something did run side by side
+    assert all(len(s) <= 3 for s in seen)
+    for s in seen:  # a tensor over a third of the largest never shares the threads
+        assert all(n <= largest // 3 for n in s) or len(s) == 1
+    got = load_file(out)
+    expect = merge_state_dicts("ties", base, sds, density=0.3)
+    from models.merge_io import read_header
+
+    assert list(read_header(out)[0]) == list(read_header(str(tmp_path / "base.safetensors"))[0])  # file order
+    for k in expect:
+        assert torch.equal(got[k], expect[k]), k
+
+
+def test_first_failing_tensor_in_file_order_is_raised_when_side_by_side(tmp_path, monkeypatch):
+    # three small tensors merged side by side; the method fails on two of them, the later one at once and
+    # the earlier one after a while: the error raised is the earlier one's (as a one-tensor-at-a-time merge
+    # would raise), and nothing is written
+    import time
+
+    import models.merging as merging
+
+    monkeypatch.setattr(merging, "THREADS", 4)
+
+    def extra(base, sds):
+        base["z.big"] = torch.randn(64)
+        for sd in sds:
+            sd["z.big"] = base["z.big"] + 0.1
+    base, paths, out = _write_models(tmp_path, extra=extra)
+    order = list(__import__("models.merge_io", fromlist=["read_header"]).read_header(base)[0])
+    small = [k for k in order if k != "z.big"]
+    assert order[-1] == "z.big"  # the small ones are under way together before it
+    first, later = small[0], small[-1]
+    sizes = {k: v.numel() for k, v in load_file(base).items()}
+
+    @register_merge("_test_failing")
+    def failing(b, models):
+        if b.numel() == sizes[first]:
+            time.sleep(0.3)
+            raise ValueError(f"failed on {first}")
+        if b.numel() == sizes[later]:
+            raise ValueError(f"failed on {later}")
+        return b.clone()
+
+    assert len({sizes[k] for k in small}) == len(small)  # the method tells them apart by size
+    try:
+        with pytest.raises(ValueError, match=f"failed on {first}"):
+            merge_safetensors("_test_failing", base, paths, out)
+    finally:
+        MERGE_METHODS.pop("_test_failing")
+    _assert_nothing_written(out)
