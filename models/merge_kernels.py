@@ -117,6 +117,76 @@ if AVAILABLE:
         return nan
 
     @_jit
+    def sce_first_pass(b, ms, var, hi, lo_bits, span_bits, lanes, cand_v, cand_i, cand_sq,
+                       counts):  # pragma: no cover - compiled
+        """SCE's variance, its selection scan and its energies in one pass over the inputs (float32), block by
+        block: var = welford_var's (the same operations, models in the outer loop); counts = (non-zero
+        variances, variances > hi, variances in the bracket [lo, hi], NaN seen); the bracketed variances
+        and their indices to the front of cand_v / cand_i, their d_j^2 (float64) to cand_sq[j] (collected
+        as scan_abs_deltas_f32 does, by their bits); lanes[j, l] = the float64 sum of d_j^2 over positions
+        with variance > hi, block position i added to lane i mod 16 (16 independent sums: it vectorises)."""
+        n = len(ms)
+        size = b.size
+        vbuf = np.empty(SCAN_BLOCK, dtype=np.float32)
+        ubuf = vbuf.view(np.uint32)
+        mean = np.empty(SCAN_BLOCK)
+        m2 = np.empty(SCAN_BLOCK)
+        sq = np.zeros(SCAN_BLOCK)
+        hi32 = np.float32(hi)
+        nnz = 0
+        above = 0
+        c = 0
+        nan = False
+        for j in range(n):
+            for k in range(16):
+                lanes[j, k] = 0.0
+        for i0 in range(0, size, SCAN_BLOCK):
+            m = min(SCAN_BLOCK, size - i0)
+            bb, vv, m0 = b[i0:i0 + m], var[i0:i0 + m], ms[0][i0:i0 + m]
+            for i in range(m):
+                mean[i] = np.float64(m0[i] - bb[i])
+                m2[i] = 0.0
+            for j in range(1, n):
+                mj = ms[j][i0:i0 + m]
+                count = np.float64(j + 1)
+                for i in range(m):
+                    x = np.float64(mj[i] - bb[i])
+                    mu = mean[i]
+                    delta = x - mu
+                    mu = mu + delta / count
+                    mean[i] = mu
+                    m2[i] = m2[i] + (x - mu) * delta
+            for i in range(m):
+                v = np.float32(m2[i] / n)
+                vv[i] = v
+                vbuf[i] = v
+                nnz += v != 0
+                above += v > hi32
+                nan |= v != v
+            for j in range(n):
+                mj, lj = ms[j][i0:i0 + m], lanes[j]
+                for i in range(m):
+                    d = np.float64(mj[i] - bb[i])
+                    sq[i] = d * d if vbuf[i] > hi32 else 0.0
+                for i in range(m, SCAN_BLOCK):  # (the last block: zeros beyond its end)
+                    sq[i] = 0.0
+                for k0 in range(0, SCAN_BLOCK, 16):
+                    for k in range(16):
+                        lj[k] += sq[k0 + k]
+            for i in range(m):
+                if np.uint32(ubuf[i] - lo_bits) <= span_bits:
+                    cand_v[c] = vbuf[i]
+                    cand_i[c] = i0 + i
+                    for j in range(n):
+                        d = np.float64(ms[j][i0 + i] - bb[i])
+                        cand_sq[j, c] = d * d
+                    c += 1
+        counts[0] = nnz
+        counts[1] = above
+        counts[2] = c
+        counts[3] = nan
+
+    @_jit
     def scan_values(v, hi, lo, inside):  # pragma: no cover - compiled
         """scan_abs_deltas' pass for one row of given non-negative values: (count > hi, count in [lo, hi], NaN
         seen), the values in [lo, hi] to the front of `inside`."""
@@ -261,26 +331,40 @@ if AVAILABLE:
     @_jit
     def energy_sums(b, ms, var, thr, cut, s, sums):  # pragma: no cover - compiled
         """sums[j] = sum of (d_j masked)^2 in float64, the mask selecting positions whose variance is in the
-        top-k (thr, cut) (thr < 0: every position). Eight running sums (i mod 8), added pairwise at the end:
-        a single one would wait on each addition."""
+        top-k (thr, cut) (thr < 0: every position). Block by block: the squares into a buffer, then added
+        into 16 running sums (block position i into sum i mod 16: independent sums, so the loop vectorises),
+        which are added pairwise at the end."""
         n = len(ms)
         c = cut - s
         size = b.size
-        acc = np.zeros(8)
+        sq = np.zeros(SCAN_BLOCK)
+        lanes = np.zeros((n, 16))
+        t = var.dtype.type(thr)  # a value of var's dtype (or -1, inf): the comparisons stay in that dtype
+        for i0 in range(0, size, SCAN_BLOCK):
+            m = min(SCAN_BLOCK, size - i0)
+            bb, vv = b[i0:i0 + m], var[i0:i0 + m]
+            for j in range(n):
+                mj, lj = ms[j][i0:i0 + m], lanes[j]
+                if thr < 0:
+                    for i in range(m):
+                        d = np.float64(mj[i] - bb[i])
+                        sq[i] = d * d
+                else:
+                    ci = c - i0
+                    for i in range(m):
+                        d = np.float64(mj[i] - bb[i])
+                        v = vv[i]
+                        sq[i] = d * d if (v > t) | ((v == t) & (i < ci)) else 0.0
+                for i in range(m, SCAN_BLOCK):  # (the last block: zeros beyond its end)
+                    sq[i] = 0.0
+                for k0 in range(0, SCAN_BLOCK, 16):
+                    for k in range(16):
+                        lj[k] += sq[k0 + k]
         for j in range(n):
-            mj = ms[j]
-            acc[:] = 0.0
-            if thr < 0:
-                for i in range(size):
-                    d = np.float64(mj[i] - b[i])
-                    acc[i & 7] += d * d
-            else:
-                for i in range(size):
-                    v = var[i]
-                    d = np.float64(mj[i] - b[i])
-                    d = d if (v > thr) | ((v == thr) & (i < c)) else 0.0
-                    acc[i & 7] += d * d
-            sums[j] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+            lj = lanes[j]
+            for k in range(8):
+                lj[k] += lj[k + 8]
+            sums[j] = ((lj[0] + lj[1]) + (lj[2] + lj[3])) + ((lj[4] + lj[5]) + (lj[6] + lj[7]))
 
     @_jit
     def sce_chunk(b, ms, var, thr, cut, s, masked, w, eps, one, out):  # pragma: no cover - compiled
@@ -356,6 +440,11 @@ def load(dtypes: tuple = (np.float32,)) -> float:
         dare_chunk(b, ms, w, np.zeros(2, dtype=np.uint64), 0, dt(0.5), False, one, one, out)
         var = np.empty(4, dtype=dt)
         welford_var(b, ms, var)
+        if dt == np.float32:
+            for models in (ms, ms[:1]):
+                sce_first_pass(b, models, var, 1.0, np.uint32(0), np.uint32(1), np.empty((len(models), 16)),
+                               np.empty(4, dtype=dt), np.empty(4, np.int64), np.empty((len(models), 4)),
+                               np.empty(4, np.int64))
         energy_sums(b, ms, var, -1.0, 0, 0, np.empty(2))
         energy_sums(b, ms, b, -1.0, 0, 0, np.empty(2))
         for masked in (True, False):

@@ -763,15 +763,24 @@ def _sce_fast(job: _Job, select_topk: float, masked_final_sum: bool) -> Tensor:
     var = _empty(job.numel if select_topk < 1 else 0, job.dt)
     var_np = var.numpy()
     select = (-1.0, 0)  # thr < 0: every position
+    w = None
     if select_topk < 1:
-        job.each(lambda s, e: K.welford_var(*job.np_chunk(s, e), var_np[s:e]))
-        k = int(select_topk * int(torch.count_nonzero(var)))
-        select = (math.inf, 0) if k == 0 else _threshold(
-            lambda s, e: var[s:e], job, k, lambda st: var[::st],
-            (lambda a, b, hi, lo: _collect(K.scan_values, b - a, var_np[a:b], hi, lo),
-             lambda a, b, thr, need: K.find_value_equal(var_np[a:b], thr, need)))
+        one_pass = _sce_one_pass(job, select_topk, var_np) if job.dt == torch.float32 else None
+        if one_pass is not None and not isinstance(one_pass, int):
+            thr, cut, w = one_pass
+            select = (thr, cut)
+        else:
+            if one_pass is None:  # the variance is not computed yet
+                job.each(lambda s, e: K.welford_var(*job.np_chunk(s, e), var_np[s:e]))
+                one_pass = int(torch.count_nonzero(var))
+            k = int(select_topk * one_pass)
+            select = (math.inf, 0) if k == 0 else _threshold(
+                lambda s, e: var[s:e], job, k, lambda st: var[::st],
+                (lambda a, b, hi, lo: _collect(K.scan_values, b - a, var_np[a:b], hi, lo),
+                 lambda a, b, thr, need: K.find_value_equal(var_np[a:b], thr, need)))
     thr, cut = select
-    w = _energy_weights(job, var_np, thr, cut, 1e-6)
+    if w is None:
+        w = _energy_weights(job, var_np, thr, cut, 1e-6)
     eps, one = job.npdt(1e-12), job.npdt(1.0)
 
     def body(b: np.ndarray, ms: tuple, s: int, out: np.ndarray) -> None:
@@ -781,6 +790,77 @@ def _sce_fast(job: _Job, select_topk: float, masked_final_sum: bool) -> Tensor:
     out = job.run(body)
     _release(var)  # (the closures above that view it are done)
     return out
+
+
+def _sce_one_pass(job: _Job, select_topk: float, var_np: np.ndarray) -> tuple[float, int, np.ndarray] | int | None:
+    """SCE's variance, top-k selection and energy weights with one pass over the inputs (float32 working dtype,
+    tensors big enough to sample): a sample of positions brackets the k-th largest variance first (k estimated
+    from the sample's share of non-zero variances); K.sce_first_pass then computes every variance, counts,
+    collects the bracketed ones with their indices, and sums d_j^2 over the positions above the bracket; the
+    selection finishes on the collected values and their energies are added from the inputs at their
+    indices. Returns (thr, cut, weights) as _select and _energy_weights give them; the count of non-zero
+    variances when the bracket missed (var_np is then filled: the caller goes on from there); None when no
+    bracket was tried."""
+    numel = job.numel
+    if numel <= _DIRECT_SELECT:
+        return None
+    step = max(1, numel // _SAMPLE)
+    sample = torch.empty(len(range(0, numel, step)), dtype=job.dt)
+    K.welford_var(job.base[::step].to(job.dt).contiguous().numpy(),
+                  tuple(m[::step].to(job.dt).contiguous().numpy() for m in job.models), sample.numpy())
+    s = sample.numel()
+    p = int(torch.count_nonzero(sample)) / s  # share of non-zero variances, estimated
+    k_est = select_topk * p * numel
+    if not 0 < k_est < numel:
+        return None
+    q = k_est / numel
+    # the k-th largest's rank in the sample: 4 standard deviations of the sample quantile, plus those of the
+    # estimated k (from p), plus 16
+    margin = 4.0 * (math.sqrt(s * q * (1 - q)) + select_topk * math.sqrt(s * p * (1 - p))) + 16
+    hi_i, lo_i = int(q * s - margin), int(q * s + margin)
+    ks = [s - r - 1 for r in (hi_i, lo_i) if 0 <= r < s]
+    part = np.partition(sample.numpy(), ks) if ks else None
+    hi = float(part[s - hi_i - 1]) if hi_i >= 0 else math.inf
+    lo = max(float(part[s - lo_i - 1]), 0.0) if lo_i < s else 0.0
+    if not lo < hi:
+        return None
+    lo_bits = np.float32(lo).view(np.uint32)
+    span = np.uint32(np.float32(hi).view(np.uint32) - lo_bits)
+    n = job.n
+
+    def chunk(a: int, b: int) -> tuple:
+        bb, ms = job.np_chunk(a, b)
+        lanes = np.empty((n, 16))
+        cand_v = np.empty(b - a, dtype=np.float32)
+        cand_i = np.empty(b - a, dtype=np.int64)
+        cand_sq = _scratch_buf((n, b - a), np.dtype(np.float64))
+        counts = np.empty(4, dtype=np.int64)
+        K.sce_first_pass(bb, ms, var_np[a:b], hi, lo_bits, span, lanes, cand_v, cand_i, cand_sq, counts)
+        if counts[3]:
+            raise _nan_error()
+        c = int(counts[2])
+        return int(counts[0]), int(counts[1]), cand_v[:c], cand_i[:c] + a, cand_sq[:, :c].copy(), lanes.sum(1)
+
+    parts = job.each(chunk)
+    nnz = sum(x[0] for x in parts)
+    above = sum(x[1] for x in parts)
+    k = int(select_topk * nnz)
+    cand = np.concatenate([x[2] for x in parts])
+    if k == 0 or not above < k <= above + cand.size:
+        return nnz
+    idx = np.concatenate([x[3] for x in parts])
+    thr = _kth(torch.from_numpy(cand.copy()), cand.size - (k - above) + 1)
+    thr32 = np.float32(thr)
+    need = k - (above + int(np.count_nonzero(cand > thr32)))
+    tied = idx[cand == thr32]
+    cut = numel if need == tied.size else int(tied[need - 1]) + 1
+    chosen = (cand > thr32) | ((cand == thr32) & (idx < cut))
+    # the float64 sums of d_j^2: above the bracket (the lanes, chunk by chunk), then the chosen candidates
+    sums = np.sum([x[5] for x in parts], axis=0) + np.concatenate([x[4] for x in parts], axis=1)[:, chosen].sum(1)
+    energy = _mean_of_sums(job, [sums])
+    if float(energy.sum()) < 1e-6:
+        energy = torch.ones_like(energy)
+    return thr, cut, (energy / energy.sum()).numpy().astype(job.npdt)
 
 
 def _energy_weights(job: _Job, var_np: np.ndarray | None, thr: float, cut: int,

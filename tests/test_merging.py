@@ -609,3 +609,42 @@ def test_first_failing_tensor_in_file_order_is_raised_when_side_by_side(tmp_path
     finally:
         MERGE_METHODS.pop("_test_failing")
     _assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("case", ["bracketed", "missed", "zero_variances", "tied"])
+def test_sce_one_pass_selection_equals_the_separate_passes_and_the_formula(case, monkeypatch):
+    # SCE's one pass (variance, bracketed selection, energies) against the separate passes and the formula,
+    # bit for bit: a bracket that holds the k-th largest variance; one that misses it (the sampled positions,
+    # every 6th, carry small variances and the others large ones, so the bracket lies far below the k-th
+    # largest and the pass falls back on the variances it computed); and a share of zero variances, which
+    # widens the bracket
+    import models.merging as merging
+
+    if not merging.K.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(merging, "KERNELS", True)
+    g = torch.Generator().manual_seed(11)
+    numel = 100_000
+    base = torch.randn(numel, generator=g)
+    noise = [0.1 * (j + 1) * torch.randn(numel, generator=g) for j in range(3)]  # unequal energies
+    if case == "missed":
+        sampled = torch.arange(numel) % (numel // merging._SAMPLE) == 0
+        noise = [torch.where(sampled, 1e-3 * x, x) for x in noise]
+    elif case == "tied":  # deltas on a grid of 0.05: many positions share each variance, ties at the cut-off
+        noise = [torch.round(x * 20) / 20 for x in noise]
+    elif case == "zero_variances":
+        keep = torch.rand(numel, generator=g) < 0.3
+        noise = [x * keep for x in noise]
+    models = [base + x for x in noise]
+    seen = []
+    real = merging._sce_one_pass
+    monkeypatch.setattr(merging, "_sce_one_pass", lambda *a: seen.append(real(*a)) or seen[-1])
+    one = sce(base, models, select_topk=0.2)
+    kind = {"bracketed": tuple, "missed": int, "zero_variances": tuple, "tied": tuple}[case]
+    assert isinstance(seen[0], kind)
+    if kind is tuple:
+        assert len(set(seen[0][2].tolist())) == 3  # the energy weights are not the uniform fallback
+        assert (seen[0][1] < numel) == (case == "tied")  # the cut-off index falls inside the tied values
+    monkeypatch.setattr(merging, "_sce_one_pass", lambda *a: None)
+    assert torch.equal(one, sce(base, models, select_topk=0.2))
+    assert torch.equal(one, _reference_sce(base, models, 0.2))
