@@ -965,21 +965,66 @@ def _get_method(method: str) -> MergeFn:
     return MERGE_METHODS[method]
 
 
+def _side_by_side(names: Sequence[str], numel: Mapping[str, int], job: Callable[[str], Tensor],
+                  emit: Callable[[str, Tensor], None], before: Callable[[str], None] | None = None) -> None:
+    """emit(name, job(name)) for every name, in order. Names whose numel (absent: 0) is up to 1/THREADS of the
+    largest run side by side, one per pool thread and each single-threaded (a tensor that small gains nothing
+    from being split), so that at most THREADS are under way and together they are no bigger than the
+    largest; a bigger one waits for those and runs alone, splitting itself over the threads. before(name), if
+    given, runs first for each name, in this thread. The first failure in name order is raised, after the
+    jobs under way have stopped."""
+    largest = max(numel.values(), default=0)
+    limit = largest // THREADS if THREADS > 1 and not _in_pool() else -1  # (never wait on the pool from it)
+    inflight: collections.deque = collections.deque()  # (name, future), in order
+
+    def emit_first() -> None:
+        name, fut = inflight.popleft()
+        emit(name, fut.result())
+
+    try:
+        for name in names:
+            if before is not None:
+                before(name)
+            if numel.get(name, 0) <= limit:
+                while len(inflight) >= THREADS:
+                    emit_first()
+                inflight.append((name, _get_pool().submit(contextvars.copy_context().run, _on_pool_thread,
+                                                          job, name)))
+            else:
+                while inflight:
+                    emit_first()
+                emit(name, job(name))
+        while inflight:
+            emit_first()
+    except BaseException:
+        for _, fut in inflight:
+            fut.cancel()
+        concurrent.futures.wait([fut for _, fut in inflight])
+        raise
+
+
 def merge_state_dicts(method: str, base_sd: Mapping[str, Tensor], sds: Sequence[Mapping[str, Tensor]],
                       exclude: Iterable[str] = (), **kw) -> dict[str, Tensor]:
     """Merge every tensor of base_sd with the same-named tensors of each sd in `sds`; the names in `exclude`
-    are not merged and keep base_sd's value (a copy). Names only in `sds` are ignored."""
+    are not merged and keep base_sd's value (a copy). Names only in `sds` are ignored. Small tensors are
+    merged side by side on the threads, as merge_safetensors does; the result keeps base_sd's order."""
     fn = _get_method(method)
     skip = set(exclude)
-    out: dict[str, Tensor] = {}
-    for name, base in base_sd.items():
-        if name in skip:
-            out[name] = base.clone()
-            continue
-        missing = [i for i, sd in enumerate(sds) if name not in sd]
+    for name in base_sd:
+        missing = [i for i, sd in enumerate(sds) if name not in sd and name not in skip]
         if missing:
             raise MergeInputError(f"tensor {name!r} missing from model(s) {missing}")
-        out[name] = fn(base, [sd[name] for sd in sds], **kw)
+
+    def one(name: str) -> Tensor:
+        base = base_sd[name]
+        if name in skip:
+            return base.clone()
+        return fn(base, [sd[name] for sd in sds], **kw)
+
+    out: dict[str, Tensor] = {}
+    with _one_thread():
+        _side_by_side(list(base_sd), {n: base_sd[n].numel() for n in base_sd if n not in skip}, one,
+                      out.__setitem__)
     return out
 
 
@@ -1050,41 +1095,15 @@ def merge_safetensors(method: str, base_path: str, model_paths: Sequence[str], o
                 f.release(name)
             return out
 
-        # Tensors up to 1/THREADS of the largest are merged side by side, one per thread (each single-threaded:
-        # no split, no waiting on the other core), so the memory in use stays near one largest tensor per
-        # model; a bigger tensor waits for those and runs alone, split into chunks over the threads.
-        largest = max((base_f.tensors[n].numel for n in merged), default=0)
-        side_by_side = largest // THREADS if THREADS > 1 else -1
         buffers = _Buffers(keep=4 + 2 * THREADS)
         token = _buffers.set(buffers)
-        inflight: collections.deque = collections.deque()  # (name, future), in file order
         with _one_thread(), SafetensorsWriter(out_path, layout, base_f.metadata) as writer:
             behind = _WriteBehind(writer, buffers)
-
-            def write_first() -> None:
-                name, fut = inflight.popleft()
-                behind.write(name, fut.result())
-
             try:
-                for name in layout:
-                    if on_tensor is not None:
-                        on_tensor(name)
-                    if base_f.tensors[name].numel <= side_by_side:
-                        while len(inflight) >= THREADS:
-                            write_first()
-                        inflight.append((name, _get_pool().submit(contextvars.copy_context().run,
-                                                                   _on_pool_thread, one, name)))
-                    else:
-                        while inflight:
-                            write_first()
-                        behind.write(name, one(name))
-                while inflight:
-                    write_first()
+                _side_by_side(list(layout), {n: base_f.tensors[n].numel for n in merged}, one, behind.write,
+                              before=on_tensor)
                 behind.close()
             except BaseException:
-                for _, fut in inflight:
-                    fut.cancel()
-                concurrent.futures.wait([fut for _, fut in inflight])
                 behind.abort()
                 raise
             writer.commit()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -69,11 +69,13 @@ def truncated_svd(tau: Tensor, r: int) -> LowRank:
     return LowRank(us=(u[:, :r] * s[:r]).contiguous(), v=vh[:r].T.contiguous())
 
 
-def compress_exclusive(tau_state_dict: Mapping[str, Tensor], rank: float | int = 0.1,
+def compress_exclusive(tau_state_dict: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], rank: float | int = 0.1,
                        rounding: str = "round") -> Expert:
-    """Truncated SVD of every 2-D delta (rank: see resolve_rank); 1-D deltas stay dense."""
+    """Truncated SVD of every 2-D delta (rank: see resolve_rank); 1-D deltas stay dense (a copy). The deltas: a
+    mapping, or (name, delta) pairs such as each_exclusive_task_vector yields (each used before the next)."""
     out: Expert = {}
-    for name, tau in tau_state_dict.items():
+    pairs = tau_state_dict.items() if isinstance(tau_state_dict, Mapping) else tau_state_dict
+    for name, tau in pairs:
         if tau.dim() == 2:
             out[name] = truncated_svd(tau, resolve_rank(rank, tau.shape, rounding))
         elif tau.dim() <= 1:
@@ -95,6 +97,25 @@ def exclusive_task_vectors(shared_state: Mapping[str, Tensor], finetuned: Mappin
     """tau_t = theta_t - theta_shared for the given keys (default: every floating tensor)."""
     keys = list(keys) if keys is not None else [k for k, v in shared_state.items() if v.is_floating_point()]
     return {k: finetuned[k].to(shared_state[k].dtype) - shared_state[k] for k in keys}
+
+
+def each_exclusive_task_vector(shared_state: Mapping[str, Tensor], finetuned: Mapping[str, Tensor],
+                               keys: Sequence[str] | None = None) -> Iterator[tuple[str, Tensor]]:
+    """(name, tau) with tau = theta_t - theta_shared (exclusive_task_vectors' values), tensor by tensor, each
+    written into one buffer that the next overwrites: use (or copy) each before asking for the next. What the
+    SVD compression needs, without the whole task vector in memory: fresh memory costs a page fault per 4 KiB,
+    which made the subtraction ~15x slower than into reused memory (1.2 GB: 1.6 s against 0.1 s)."""
+    keys = list(keys) if keys is not None else [k for k, v in shared_state.items() if v.is_floating_point()]
+    sizes: dict[torch.dtype, int] = {}
+    for k in keys:
+        sh = shared_state[k]
+        sizes[sh.dtype] = max(sizes.get(sh.dtype, 0), sh.numel())
+    buffers = {dt: torch.empty(n, dtype=dt) for dt, n in sizes.items()}
+    for k in keys:
+        sh = shared_state[k]
+        out = buffers[sh.dtype][:sh.numel()].view(sh.shape)
+        torch.sub(finetuned[k].to(sh.dtype), sh, out=out)
+        yield k, out
 
 
 def lora_delta_state_dict(peft_model: nn.Module) -> dict[str, Tensor]:

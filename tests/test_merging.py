@@ -648,3 +648,42 @@ def test_sce_one_pass_selection_equals_the_separate_passes_and_the_formula(case,
     monkeypatch.setattr(merging, "_sce_one_pass", lambda *a: None)
     assert torch.equal(one, sce(base, models, select_topk=0.2))
     assert torch.equal(one, _reference_sce(base, models, 0.2))
+
+
+def test_merge_state_dicts_runs_small_tensors_side_by_side_in_order(monkeypatch):
+    # the in-memory merge (Twin-Merging's shared expert) schedules tensors as merge_safetensors does: with 3
+    # threads forced, small tensors overlap, the result keeps the base's order and equals the method applied
+    # tensor by tensor; an excluded tensor is a copy of the base
+    import threading
+    import time
+
+    import models.merging as merging
+
+    monkeypatch.setattr(merging, "THREADS", 3)
+    g = torch.Generator().manual_seed(8)
+    shapes = {"z.emb": (400, 100), "a.q": (30, 40), "m.norm": (40,), "b.mlp": (50, 60), "c.q": (30, 40),
+              "head": (100, 400)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    sds = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    active, most, lock = set(), [0], threading.Lock()
+
+    @register_merge("_test_overlap")
+    def overlap(b, models):
+        with lock:
+            active.add(threading.get_ident())
+            most[0] = max(most[0], len(active))
+        time.sleep(0.02)
+        with lock:
+            active.discard(threading.get_ident())
+        return task_arithmetic(b, models, lam=0.5)
+
+    try:
+        out = merge_state_dicts("_test_overlap", base, sds, exclude=["m.norm"])
+    finally:
+        MERGE_METHODS.pop("_test_overlap")
+    assert most[0] >= 2
+    assert list(out) == list(shapes)
+    for k in shapes:
+        expect = base[k] if k == "m.norm" else task_arithmetic(base[k], [sd[k] for sd in sds], lam=0.5)
+        assert torch.equal(out[k], expect), k
+    assert out["m.norm"].data_ptr() != base["m.norm"].data_ptr()

@@ -334,3 +334,30 @@ def test_dense_path_cost_model_and_work_buffer():
     # with autograd recording no buffer is reused (backward may need every per-sample weight)
     with torch.enable_grad():
         assert model._twin_routing.scratch(10, got) is None
+
+
+def test_each_exclusive_task_vector_streams_the_same_values_and_experts():
+    # the build's task vectors, tensor by tensor into one reused buffer per dtype, equal exclusive_task_vectors
+    # bit for bit, and compressing them as they stream gives the experts of the whole-dict path
+    from models.twin import each_exclusive_task_vector
+
+    g = torch.Generator().manual_seed(4)
+    shared = {"w1": torch.randn(12, 8, generator=g), "b": torch.randn(12, generator=g),
+              "w2": torch.randn(6, 20, generator=g), "h": torch.randn(5, 3, generator=g).double()}
+    tuned = {k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in shared.items()}
+    whole = exclusive_task_vectors(shared, tuned)
+    seen = []
+    for name, tau in each_exclusive_task_vector(shared, tuned):
+        assert torch.equal(tau, whole[name]) and tau.dtype == whole[name].dtype
+        seen.append((name, tau.data_ptr()))
+    assert [n for n, _ in seen] == list(whole)
+    assert seen[0][1] == seen[2][1]  # w1 and w2 (float32) share the buffer
+    streamed = compress_exclusive(each_exclusive_task_vector(shared, tuned), rank=2)
+    ref = compress_exclusive(whole, rank=2)
+    for k in ref:
+        a, b = streamed[k], ref[k]
+        if isinstance(b, torch.Tensor):
+            assert torch.equal(a, b)
+        else:
+            assert torch.equal(a.us, b.us) and torch.equal(a.v, b.v)
+    assert torch.equal(streamed["b"], whole["b"])  # a 1-D delta kept as a copy, not the overwritten buffer

@@ -19,6 +19,7 @@ Routing scenarios (batch 8 x 128 tokens, T=3, rank 10 % rounded down as the pape
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -120,3 +121,81 @@ def twin_merging() -> dict:
                 "storage_ratio": round(st["factored_bytes"] / st["dense_bytes"], 4),
                 "build_experts_s": round(build_s, 3)})
     return out
+
+
+# ------------------------------------------------------------------------------------- build at merge scale
+
+SLOW = {"twin_build_speed_large"}
+_BUILD_DESC = ("Twin-Merging's expert build on the merge benchmark's inputs (bench/merging.py: a float32 Llama, base "
+               "+ 3 fine-tunes, {what}), in one process, page cache warm, fastest of {reps}: `read_s` reads the four "
+               "files once (merge_speed's read_s, measured here); the state dicts come from safetensors load_file, "
+               "which maps the files, so their bytes are read on first use, in `shared_s`, the shared expert "
+               "(models.merging.merge_state_dicts task_arithmetic, lam 0.3); `exclusive_s` makes the three exclusive "
+               "task vectors theta_t - shared tensor by tensor, as the build does (models.twin."
+               "each_exclusive_task_vector, one reused buffer); `experts_s` is the build of the experts (the same, "
+               "each tensor compressed by truncated SVD at rank 10%, models.twin.compress_exclusive) and `svd_s` = "
+               "experts_s - exclusive_s{svd}. Goal (the non-SVD parts): shared_s and exclusive_s within ~3x of "
+               "read_s.")
+
+
+def _twin_build(size: str, reps: int, svd: bool) -> dict:
+    import gc
+
+    from safetensors.torch import load_file
+
+    from bench.merging import _child_read, build_inputs
+    from models.merging import merge_state_dicts
+    from models.twin import compress_exclusive, each_exclusive_task_vector
+
+    folder = build_inputs(size)
+    paths = [str(folder / m / "model.safetensors") for m in ("base", "ft1", "ft2", "ft3")]
+    best: dict = {}
+    for _ in range(reps):
+        r = _child_read(paths)
+        t = {"read_s": min(r["chunks_s"], r["safetensors_s"])}
+        t0 = time.perf_counter()
+        base, *tuned = (load_file(p) for p in paths)
+        t["load_file_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        shared = merge_state_dicts("task_arithmetic", base, tuned, lam=0.3)
+        t["shared_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for ft in tuned:  # the task vectors the SVDs take, each tensor made and dropped in turn
+            for _ in each_exclusive_task_vector(shared, ft):
+                pass
+        t["exclusive_s"] = time.perf_counter() - t0
+        if svd:  # the whole build of the experts: the same task vectors, each compressed as it is made
+            t0 = time.perf_counter()
+            for ft in tuned:
+                compress_exclusive(each_exclusive_task_vector(shared, ft), rank=0.1)
+            t["experts_s"] = time.perf_counter() - t0
+        del tuned, base, shared
+        gc.collect()
+        for k, v in t.items():
+            best[k] = min(best.get(k, v), v)
+    out = {"params": sum(math.prod(s) for s in _shapes_of(paths[0])), "repetitions": reps,
+           **{k: round(v, 3) for k, v in best.items()}}
+    out["shared_over_read"] = round(best["shared_s"] / best["read_s"], 2)
+    out["exclusive_over_read"] = round(best["exclusive_s"] / best["read_s"], 2)
+    if svd:
+        out["svd_s"] = round(best["experts_s"] - best["exclusive_s"], 3)
+        out["svd_over_read"] = round(out["svd_s"] / best["read_s"], 1)
+    return out
+
+
+def _shapes_of(path: str) -> list:
+    from models.merge_io import read_header
+
+    return [info.shape for info in read_header(path)[0].values()]
+
+
+@register("twin_build_speed", _BUILD_DESC.format(what="25,785,216 parameters, 4 x 103 MB", reps=3, svd=""))
+def twin_build_speed() -> dict:
+    return _twin_build("small", 3, svd=True)
+
+
+@register("twin_build_speed_large", _BUILD_DESC.format(
+    what="301,507,584 parameters, 4 x 1.21 GB; slow: only with --only twin_build_speed_large", reps=2,
+    svd=": not run at this size, where the SVDs are the cost (minutes)"))
+def twin_build_speed_large() -> dict:
+    return _twin_build("large", 2, svd=False)

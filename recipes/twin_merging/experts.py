@@ -95,12 +95,13 @@ def build_experts(exp_dir: Path, base_sd: StateDict, tuned: List[StateDict], key
     factors of tuned_t - shared on `keys` (None: every floating tensor). Writes the three files into `exp_dir`
     (experts.json last, with `meta` merged in) and returns what experts.json holds."""
     from models.merging import merge_state_dicts
-    from models.twin import compress_exclusive, exclusive_task_vectors, save_experts, storage_bytes
+    from models.twin import compress_exclusive, each_exclusive_task_vector, save_experts, storage_bytes
 
     exp_dir = Path(exp_dir)
     t0 = time.perf_counter()
     shared = merge_state_dicts("task_arithmetic", base_sd, tuned, lam=lam, exclude=exclude)
-    experts = [compress_exclusive(exclusive_task_vectors(shared, t, keys), rank=rank, rounding=rounding)
+    # each task vector tensor by tensor, compressed as it is made (never the whole task vector in memory)
+    experts = [compress_exclusive(each_exclusive_task_vector(shared, t, keys), rank=rank, rounding=rounding)
                for t in tuned]
     seconds = time.perf_counter() - t0
     exp_dir.mkdir(parents=True, exist_ok=True)
