@@ -224,6 +224,13 @@ def _child_read(paths: Sequence[str]) -> dict:
             "peak_rss_mb": _status_mb("VmHWM")}
 
 
+def read_seconds(paths: Sequence[str]) -> float:
+    """The time to read the files once, page cache warm: the faster of plain chunked reads and safetensors'
+    get_tensor (merge_speed's read_s), measured in this process."""
+    r = _child_read(paths)
+    return min(r["chunks_s"], r["safetensors_s"])
+
+
 def _child_write(path: str, out: str) -> dict:
     """The output side alone: the base's tensors (page cache warm) written to `out` by the merge's own
     SafetensorsWriter (temporary file, fsync, rename), as a merge writes its result."""

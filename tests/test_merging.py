@@ -471,7 +471,9 @@ def test_sigint_during_a_merge_leaves_no_file(tmp_path):
 
     base, paths, out = _write_models(tmp_path)
     script = f"""
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, even if this test runs
+# in a background job, whose children inherit SIGINT ignored
 sys.path.insert(0, {str(ROOT)!r})
 from models.merging import merge_safetensors, register_merge
 

@@ -143,7 +143,7 @@ def _twin_build(size: str, reps: int, svd: bool) -> dict:
 
     from safetensors.torch import load_file
 
-    from bench.merging import _child_read, build_inputs
+    from bench.merging import build_inputs, read_seconds
     from models.merging import merge_state_dicts
     from models.twin import compress_exclusive, each_exclusive_task_vector
 
@@ -151,8 +151,7 @@ def _twin_build(size: str, reps: int, svd: bool) -> dict:
     paths = [str(folder / m / "model.safetensors") for m in ("base", "ft1", "ft2", "ft3")]
     best: dict = {}
     for _ in range(reps):
-        r = _child_read(paths)
-        t = {"read_s": min(r["chunks_s"], r["safetensors_s"])}
+        t = {"read_s": read_seconds(paths)}
         t0 = time.perf_counter()
         base, *tuned = (load_file(p) for p in paths)
         t["load_file_s"] = time.perf_counter() - t0
