@@ -23,6 +23,7 @@ import mmap
 import os
 import struct
 import tempfile
+import threading
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -127,14 +128,16 @@ class SafetensorsFile:
         self.path = str(path)
         self.tensors, self.metadata, self._data = read_header(self.path)
         self._map: mmap.mmap | None = None
+        self._lock = threading.Lock()  # tensors are read from several threads (merge_safetensors)
 
     def _mapped(self) -> mmap.mmap:
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                # a private mapping: pages are shared with the page cache until written (never, here), and
-                # torch.frombuffer accepts it as a writable buffer
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self._map
+        with self._lock:
+            if self._map is None:
+                with open(self.path, "rb") as f:
+                    # a private mapping: pages are shared with the page cache until written (never, here), and
+                    # torch.frombuffer accepts it as a writable buffer
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            return self._map
 
     def tensor(self, name: str) -> Tensor:
         info = self.tensors[name]
