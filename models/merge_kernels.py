@@ -117,6 +117,16 @@ if AVAILABLE:
         return nan
 
     @_jit
+    def _add_to_lanes(sq, m, lanes):  # pragma: no cover - compiled
+        """lanes[l] += sq[i] for the block's first m positions i with l = i mod 16 (sq beyond m zeroed first):
+        16 independent float64 sums, so the loop vectorises."""
+        for i in range(m, SCAN_BLOCK):
+            sq[i] = 0.0
+        for k0 in range(0, SCAN_BLOCK, 16):
+            for k in range(16):
+                lanes[k] += sq[k0 + k]
+
+    @_jit
     def sce_first_pass(b, ms, var, hi, lo_bits, span_bits, lanes, cand_v, cand_i, cand_sq,
                        counts):  # pragma: no cover - compiled
         """SCE's variance, its selection scan and its energies in one pass over the inputs (float32), block by
@@ -168,11 +178,7 @@ if AVAILABLE:
                 for i in range(m):
                     d = np.float64(mj[i] - bb[i])
                     sq[i] = d * d if vbuf[i] > hi32 else 0.0
-                for i in range(m, SCAN_BLOCK):  # (the last block: zeros beyond its end)
-                    sq[i] = 0.0
-                for k0 in range(0, SCAN_BLOCK, 16):
-                    for k in range(16):
-                        lj[k] += sq[k0 + k]
+                _add_to_lanes(sq, m, lj)
             for i in range(m):
                 if np.uint32(ubuf[i] - lo_bits) <= span_bits:
                     cand_v[c] = vbuf[i]
@@ -355,11 +361,7 @@ if AVAILABLE:
                         d = np.float64(mj[i] - bb[i])
                         v = vv[i]
                         sq[i] = d * d if (v > t) | ((v == t) & (i < ci)) else 0.0
-                for i in range(m, SCAN_BLOCK):  # (the last block: zeros beyond its end)
-                    sq[i] = 0.0
-                for k0 in range(0, SCAN_BLOCK, 16):
-                    for k in range(16):
-                        lj[k] += sq[k0 + k]
+                _add_to_lanes(sq, m, lj)
         for j in range(n):
             lj = lanes[j]
             for k in range(8):

@@ -282,11 +282,12 @@ Scan = Callable[[int, int, float, float], tuple[int, Tensor]]
 Find = Callable[[int, int, float, int], tuple[int, int]]
 
 
-def _bracket(sample: Tensor, numel: int, k: int) -> tuple[float, float]:
-    """(hi, lo): a sample's bracket of the k-th largest of numel values, 4 standard deviations wide."""
+def _bracket(sample: Tensor, numel: int, k: float, extra_sd: float = 0.0) -> tuple[float, float]:
+    """(hi, lo): a sample's bracket of the k-th largest of numel values, 4 standard deviations of the sample
+    quantile wide (plus 4 x extra_sd sample ranks either side: the uncertainty of an estimated k) plus 16."""
     s = sample.numel()
     q = k / numel
-    margin = 4.0 * math.sqrt(s * q * (1 - q)) + 16
+    margin = 4.0 * (math.sqrt(s * q * (1 - q)) + extra_sd) + 16
     hi_i, lo_i = int(q * s - margin), int(q * s + margin)  # ranks in descending order, 0-based
     ks = [s - r - 1 for r in (hi_i, lo_i) if 0 <= r < s]  # 0-based ascending positions
     part = np.partition(sample.numpy(), ks) if ks else None  # one introselect for both
@@ -813,15 +814,8 @@ def _sce_one_pass(job: _Job, select_topk: float, var_np: np.ndarray) -> tuple[fl
     k_est = select_topk * p * numel
     if not 0 < k_est < numel:
         return None
-    q = k_est / numel
-    # the k-th largest's rank in the sample: 4 standard deviations of the sample quantile, plus those of the
-    # estimated k (from p), plus 16
-    margin = 4.0 * (math.sqrt(s * q * (1 - q)) + select_topk * math.sqrt(s * p * (1 - p))) + 16
-    hi_i, lo_i = int(q * s - margin), int(q * s + margin)
-    ks = [s - r - 1 for r in (hi_i, lo_i) if 0 <= r < s]
-    part = np.partition(sample.numpy(), ks) if ks else None
-    hi = float(part[s - hi_i - 1]) if hi_i >= 0 else math.inf
-    lo = max(float(part[s - lo_i - 1]), 0.0) if lo_i < s else 0.0
+    hi, lo = _bracket(sample, numel, k_est, extra_sd=select_topk * math.sqrt(s * p * (1 - p)))  # (+ k's error)
+    lo = max(lo, 0.0)  # variances are >= 0
     if not lo < hi:
         return None
     lo_bits = np.float32(lo).view(np.uint32)
