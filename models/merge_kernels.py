@@ -218,6 +218,87 @@ if AVAILABLE:
                     return c, i
         return c, -1
 
+    SELECT_BUCKETS = 2048  # select_nonneg_f32: histogram buckets per round
+    SELECT_SORT = 64  # select_nonneg_f32: at most this many keys left are sorted
+
+    @_jit
+    def _key_range(keys, n):  # pragma: no cover - compiled
+        """(min, max) of the first n keys, sign bits cleared."""
+        mask = np.uint32(0x7fffffff)
+        kmin = np.uint32(0xffffffff)
+        kmax = np.uint32(0)
+        for i in range(n):
+            k = keys[i] & mask
+            kmin = min(kmin, k)
+            kmax = max(kmax, k)
+        return kmin, kmax
+
+    @_jit
+    def _histogram(keys, n, kmin, kmax):  # pragma: no cover - compiled
+        """(counts, shift): the first n keys (sign cleared) counted into SELECT_BUCKETS ranges of [kmin, kmax],
+        key k into bucket (k - kmin) >> shift."""
+        mask = np.uint32(0x7fffffff)
+        shift = 0
+        while ((kmax - kmin) >> shift) >= SELECT_BUCKETS:
+            shift += 1
+        hist = np.zeros(SELECT_BUCKETS, dtype=np.int64)
+        for i in range(n):
+            hist[((keys[i] & mask) - kmin) >> shift] += 1
+        return hist, shift
+
+    @_jit
+    def _bucket_keys(keys, n, kmin, shift, bucket, count):  # pragma: no cover - compiled
+        """The `count` keys (sign cleared) among the first n that fall in `bucket`."""
+        mask = np.uint32(0x7fffffff)
+        kept = np.empty(count, dtype=np.uint32)
+        c = 0
+        for i in range(n):
+            k = keys[i] & mask
+            if (k - kmin) >> shift == bucket:
+                kept[c] = k
+                c += 1
+        return kept
+
+    @_jit
+    def _select_keys(keys, rank, hist, kmin, shift):  # pragma: no cover - compiled
+        """The rank-th smallest key of `keys` (sign cleared), given the first round's histogram: rounds keep
+        the bucket holding the rank until the keys left are all equal or few enough to sort."""
+        n = keys.size
+        while True:
+            bucket = 0
+            while rank >= hist[bucket]:
+                rank -= hist[bucket]
+                bucket += 1
+            keys = _bucket_keys(keys, n, kmin, shift, bucket, hist[bucket])
+            n = keys.size
+            kmin, kmax = _key_range(keys, n)
+            if kmin == kmax:
+                return kmin
+            if n <= SELECT_SORT:
+                keys.sort()
+                return keys[rank]
+            hist, shift = _histogram(keys, n, kmin, kmax)
+
+    @_jit
+    def select_nonneg_f32(x, ranks, out):  # pragma: no cover - compiled
+        """out[r] = the ranks[r]-th smallest (0-based) of x, float32 values >= 0 or NaN, as
+        np.partition(x, ranks)[ranks] gives them (NaN sorts last; -0.0 counts as 0.0 and comes back as
+        0.0). A radix select on the bits: for x >= 0 the bits order as the values do, and NaN's (sign
+        cleared) lie above +inf's. Each round counts the keys into SELECT_BUCKETS equal ranges of
+        [min, max] and keeps the bucket that holds the rank, until the keys left are all equal or few
+        enough to sort: linear, and unlike introselect not slowed by many equal values. The ranks share
+        the first round. x is not modified."""
+        keys = x.view(np.uint32)
+        kmin, kmax = _key_range(keys, keys.size)
+        res = out.view(np.uint32)
+        if kmin == kmax:
+            for r in range(ranks.size):
+                res[r] = kmin
+            return
+        hist, shift = _histogram(keys, keys.size, kmin, kmax)
+        for r in range(ranks.size):
+            res[r] = _select_keys(keys, ranks[r], hist, kmin, shift)
+
     @_jit
     def find_value_equal(v, thr, need):  # pragma: no cover - compiled
         """find_abs_delta_equal over given values."""
@@ -229,68 +310,43 @@ if AVAILABLE:
                     return c, i
         return c, -1
 
-    BLOCK = 2048  # elements per block: a block's per-model values stay in the L1/L2 cache
-
     @_jit
     def ties_chunk(b, ms, w, thr, cut, s, lam, uniform, eps, one, out):  # pragma: no cover - compiled
         """TIES on a chunk: trim each delta to its top-k (thr[j], cut[j]), weight, elect the sign of the sum
         (0 -> +), average the agreeing entries (divisor: their count, at least 1, when `uniform`; else their
-        weights' sum, 1 where below eps), out = b + lam * mixed / divisor. Block by block, model by model in
-        the inner loops (simple loops over the elements)."""
+        weights' sum, 1 where below eps), out = b + lam * mixed / divisor. One loop over the elements with
+        the models inside it (their number is part of the compiled type, so those loops unroll and the
+        element loop vectorises); each trimmed delta is computed twice, which is cheaper than storing it."""
         n = len(ms)
         zero = one - one
-        x = np.empty((n, BLOCK), dtype=b.dtype)
-        total = np.empty(BLOCK, dtype=b.dtype)
-        mixed = np.empty(BLOCK, dtype=b.dtype)
-        div = np.empty(BLOCK, dtype=b.dtype)
         th = np.empty(n, dtype=b.dtype)  # the thresholds are values of the working dtype (or -1, inf): exact
         for j in range(n):
             th[j] = thr[j]
-        for i0 in range(0, b.size, BLOCK):
-            m = min(BLOCK, b.size - i0)
-            # views: indices from range() need no wraparound checks
-            bb, oo, tt, mx, dv_ = b[i0:i0 + m], out[i0:i0 + m], total[:m], mixed[:m], div[:m]
+        for i in range(b.size):
+            bi = b[i]
+            gi = s + i
+            total = zero
             for j in range(n):
-                mj, xj, tj, cj, wj = ms[j][i0:i0 + m], x[j, :m], th[j], cut[j] - s - i0, w[j]
-                if cj >= m:  # the whole block before the cut-off index: |d| >= thr is kept
-                    for i in range(m):
-                        d = mj[i] - bb[i]
-                        xj[i] = (d if abs(d) >= tj else zero) * wj
-                elif cj <= 0:  # after it: |d| > thr
-                    for i in range(m):
-                        d = mj[i] - bb[i]
-                        xj[i] = (d if abs(d) > tj else zero) * wj
-                else:
-                    for i in range(m):
-                        d = mj[i] - bb[i]
-                        a = abs(d)
-                        xj[i] = (d if (a > tj) | ((a == tj) & (i < cj)) else zero) * wj
-                if j == 0:  # (a loop: slice assignment between arrays copies through a temporary)
-                    for i in range(m):
-                        tt[i] = xj[i]
-                else:
-                    for i in range(m):
-                        tt[i] = tt[i] + xj[i]
+                d = ms[j][i] - bi
+                a = abs(d)
+                x = (d if (a > th[j]) | ((a == th[j]) & (gi < cut[j])) else zero) * w[j]
+                total = x if j == 0 else total + x
+            up = total >= zero
+            mixed = zero
+            div = zero
             for j in range(n):
-                xj = x[j, :m]
+                d = ms[j][i] - bi
+                a = abs(d)
+                x = (d if (a > th[j]) | ((a == th[j]) & (gi < cut[j])) else zero) * w[j]
+                agree = ((x > zero) & up) | ((x < zero) & (not up))
                 add = one if uniform else w[j]
-                for i in range(m):
-                    v = xj[i]
-                    up = tt[i] >= 0
-                    agree = ((v > 0) & up) | ((v < 0) & (not up))
-                    if j == 0:
-                        mx[i] = v if agree else zero
-                        dv_[i] = add if agree else zero
-                    else:
-                        mx[i] = mx[i] + (v if agree else zero)
-                        dv_[i] = dv_[i] + (add if agree else zero)
-            for i in range(m):
-                dv = dv_[i]
-                if uniform:
-                    dv = one if dv < one else dv
-                else:
-                    dv = one if abs(dv) < eps else dv
-                oo[i] = bb[i] + (lam * mx[i]) / dv
+                mixed = (x if agree else zero) if j == 0 else mixed + (x if agree else zero)
+                div = (add if agree else zero) if j == 0 else div + (add if agree else zero)
+            if uniform:
+                div = one if div < one else div
+            else:
+                div = one if abs(div) < eps else div
+            out[i] = bi + (lam * mixed) / div
 
     @_jit
     def dare_chunk(b, ms, w, seeds, s, density, rescale, lam, one, out):  # pragma: no cover - compiled
@@ -372,41 +428,30 @@ if AVAILABLE:
     def sce_chunk(b, ms, var, thr, cut, s, masked, w, eps, one, out):  # pragma: no cover - compiled
         """SCE's last stage on a chunk: the deltas (masked by the variance top-k when `masked`; thr < 0
         selects all), the sign of their sum elected (0 -> +), agreeing entries weighted by w:
-        out = b + sum_j w_j d_j [agree] / sum_j w_j [agree] (denominator 1 where below eps). Block by block."""
+        out = b + sum_j w_j d_j [agree] / sum_j w_j [agree] (denominator 1 where below eps). One loop over
+        the elements with the models inside it, as ties_chunk."""
         n = len(ms)
         zero = one - one
-        sel = np.empty(BLOCK, dtype=np.bool_)
-        total = np.empty(BLOCK, dtype=b.dtype)
-        num = np.empty(BLOCK, dtype=b.dtype)
-        den = np.empty(BLOCK, dtype=b.dtype)
-        for i0 in range(0, b.size, BLOCK):
-            m = min(BLOCK, b.size - i0)
-            bb, oo = b[i0:i0 + m], out[i0:i0 + m]
-            if masked and thr >= 0:
-                vv, c = var[i0:i0 + m], cut - s - i0
-                for i in range(m):
-                    sel[i] = (vv[i] > thr) | ((vv[i] == thr) & (i < c))
-            else:
-                sel[:m] = True
-            total[:m] = zero
-            num[:m] = zero
-            den[:m] = zero
+        every = not masked or thr < 0
+        t = var.dtype.type(thr) if not every else var.dtype.type(0)
+        c = cut - s
+        for i in range(b.size):
+            bi = b[i]
+            sel = every or (var[i] > t) | ((var[i] == t) & (i < c))
+            total = zero
             for j in range(n):
-                mj = ms[j][i0:i0 + m]
-                for i in range(m):
-                    d = mj[i] - bb[i]
-                    total[i] = total[i] + (d if sel[i] else zero)
+                d = ms[j][i] - bi
+                total = total + (d if sel else zero)
+            up = total >= 0
+            num = zero
+            den = zero
             for j in range(n):
-                mj, wj = ms[j][i0:i0 + m], w[j]
-                for i in range(m):
-                    d = mj[i] - bb[i]
-                    up = total[i] >= 0
-                    agree = sel[i] & (((d > 0) & up) | ((d < 0) & (not up)))  # unselected: d is 0
-                    num[i] = num[i] + (d * wj if agree else zero)
-                    den[i] = den[i] + (wj if agree else zero)
-            for i in range(m):
-                dn = den[i]
-                oo[i] = bb[i] + num[i] / (one if abs(dn) < eps else dn)
+                d = ms[j][i] - bi
+                agree = sel & (((d > 0) & up) | ((d < 0) & (not up)))  # unselected: d is 0
+                num = num + (d * w[j] if agree else zero)
+                den = den + (w[j] if agree else zero)
+            oo = bi + num / (one if abs(den) < eps else den)
+            out[i] = oo
 
 
 def load(dtypes: tuple = (np.float32,)) -> float:
@@ -436,6 +481,8 @@ def load(dtypes: tuple = (np.float32,)) -> float:
         scan_values(b, 2.0, 0.5, np.empty(4, dtype=dt))
         find_abs_delta_equal(b, ms[0], 1.0, 1)
         find_value_equal(b, 0.0, 1)
+        if dt == np.float32:
+            select_nonneg_f32(b, np.array([1]), np.empty(1, dtype=dt))
         ties_chunk(b, ms, w, thr, cut, 0, one, True, one, one, out)
         ties_chunk(b, ms, w, thr, cut, 0, one, False, one, one, out)
         dare_chunk(b, ms, w, np.zeros(2, dtype=np.uint64), 0, dt(0.5), True, one, one, out)

@@ -290,10 +290,23 @@ def _bracket(sample: Tensor, numel: int, k: float, extra_sd: float = 0.0) -> tup
     margin = 4.0 * (math.sqrt(s * q * (1 - q)) + extra_sd) + 16
     hi_i, lo_i = int(q * s - margin), int(q * s + margin)  # ranks in descending order, 0-based
     ks = [s - r - 1 for r in (hi_i, lo_i) if 0 <= r < s]  # 0-based ascending positions
-    part = np.partition(sample.numpy(), ks) if ks else None  # one introselect for both
-    hi = float(part[s - hi_i - 1]) if hi_i >= 0 else math.inf
-    lo = float(part[s - lo_i - 1]) if lo_i < s else -math.inf
+    at = dict(zip(ks, _smallest(sample, ks))) if ks else {}
+    hi = float(at[s - hi_i - 1]) if hi_i >= 0 else math.inf
+    lo = float(at[s - lo_i - 1]) if lo_i < s else -math.inf
     return hi, lo
+
+
+def _smallest(x: Tensor, ranks: Sequence[int]) -> np.ndarray:
+    """np.partition(x, ranks)[ranks] (0-based, NaN last) of a 1-D tensor of values >= 0 (the selections' |d|
+    and variances): by a radix select on float32's bits (K.select_nonneg_f32: 4-5x faster than numpy's
+    introselect on the collected candidates, and not slowed by many equal values), else by introselect
+    (itself several times faster than torch.kthvalue on CPU)."""
+    a = x.numpy()
+    if KERNELS and a.dtype == np.float32:
+        out = np.empty(len(ranks), dtype=np.float32)
+        K.select_nonneg_f32(np.ascontiguousarray(a), np.asarray(ranks, dtype=np.int64), out)
+        return out
+    return np.partition(a, ranks)[list(ranks)]
 
 
 def _select(values: Callable[[int, int], Tensor], spans: Sequence[tuple[int, int]], numel: int, k: int,
@@ -362,9 +375,8 @@ def _select(values: Callable[[int, int], Tensor], spans: Sequence[tuple[int, int
 
 
 def _kth(x: Tensor, k: int) -> float:
-    """torch.kthvalue(x, k) (the k-th smallest, 1-based) of a 1-D tensor, by numpy's introselect, which is
-    several times faster on CPU; NaN sorts last in both."""
-    return float(np.partition(x.numpy(), k - 1)[k - 1])
+    """torch.kthvalue(x, k) (the k-th smallest, 1-based) of a 1-D tensor of values >= 0; NaN sorts last."""
+    return float(_smallest(x, [k - 1])[0])
 
 
 def _select_direct(flat: Tensor, k: int) -> tuple[float, int]:

@@ -689,3 +689,33 @@ def test_merge_state_dicts_runs_small_tensors_side_by_side_in_order(monkeypatch)
         expect = base[k] if k == "m.norm" else task_arithmetic(base[k], [sd[k] for sd in sds], lam=0.5)
         assert torch.equal(out[k], expect), k
     assert out["m.norm"].data_ptr() != base["m.norm"].data_ptr()
+
+
+@pytest.mark.parametrize("case", ["normal", "narrow", "mostly_zero", "few_values", "nan_inf_negzero", "tiny",
+                                  "all_equal"])
+def test_radix_select_equals_numpy_partition(case):
+    """The selections' order statistics (K.select_nonneg_f32) against np.partition, at the ends, the middle
+    and random ranks: spread and narrow values, a majority of zeros and few distinct values (many equal keys:
+    the rounds must stop), NaN / inf / -0.0, a handful of elements, all equal."""
+    import numpy as np
+
+    import models.merge_kernels as K
+
+    if not K.AVAILABLE:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(11)
+    x = {"normal": lambda: np.abs(rng.standard_normal(50_001)),
+         "narrow": lambda: 1 + rng.random(40_000) * 1e-4,
+         "mostly_zero": lambda: np.where(rng.random(30_000) < 0.8, 0.0, rng.random(30_000)),
+         "few_values": lambda: rng.integers(0, 4, 20_000).astype(float) * 0.25,
+         "nan_inf_negzero": lambda: np.concatenate([rng.random(500), [np.inf, np.nan, -0.0, 0.0, np.inf, -np.nan]]),
+         "tiny": lambda: rng.random(5),
+         "all_equal": lambda: np.full(1000, 0.125)}[case]().astype(np.float32)
+    before = x.copy()
+    ranks = np.array(sorted({0, x.size - 1, x.size // 2, *rng.integers(0, x.size, 12).tolist()}))
+    got = np.empty(ranks.size, dtype=np.float32)
+    K.select_nonneg_f32(x, ranks, got)  # every rank from one first round
+    for r, value in zip(ranks, got):
+        expect = np.partition(x.copy(), r)[r]
+        assert (np.isnan(value) and np.isnan(expect)) or value == expect, (case, r, value, expect)
+    assert np.array_equal(x, before, equal_nan=True)  # the input is left as it was
