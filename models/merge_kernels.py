@@ -122,9 +122,19 @@ if AVAILABLE:
         16 independent float64 sums, so the loop vectorises."""
         for i in range(m, SCAN_BLOCK):
             sq[i] = 0.0
-        for k0 in range(0, SCAN_BLOCK, 16):
-            for k in range(16):
-                lanes[k] += sq[k0 + k]
+        # the sums in local variables: with lanes[k] += ..., the compiler cannot rule out that lanes and sq
+        # overlap, so it stores and reloads every lane each time (measured 1.5x slower)
+        l0, l1, l2, l3, l4, l5, l6, l7 = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]
+        l8, l9, l10, l11 = lanes[8], lanes[9], lanes[10], lanes[11]
+        l12, l13, l14, l15 = lanes[12], lanes[13], lanes[14], lanes[15]
+        for k in range(0, SCAN_BLOCK, 16):
+            l0, l1, l2, l3 = l0 + sq[k], l1 + sq[k + 1], l2 + sq[k + 2], l3 + sq[k + 3]
+            l4, l5, l6, l7 = l4 + sq[k + 4], l5 + sq[k + 5], l6 + sq[k + 6], l7 + sq[k + 7]
+            l8, l9, l10, l11 = l8 + sq[k + 8], l9 + sq[k + 9], l10 + sq[k + 10], l11 + sq[k + 11]
+            l12, l13, l14, l15 = l12 + sq[k + 12], l13 + sq[k + 13], l14 + sq[k + 14], l15 + sq[k + 15]
+        lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7] = l0, l1, l2, l3, l4, l5, l6, l7
+        lanes[8], lanes[9], lanes[10], lanes[11], lanes[12], lanes[13], lanes[14], lanes[15] = (l8, l9, l10, l11, l12,
+                                                                                             l13, l14, l15)
 
     @_jit
     def sce_first_pass(b, ms, var, hi, lo_bits, span_bits, lanes, cand_v, cand_i, cand_sq,
