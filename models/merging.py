@@ -302,6 +302,8 @@ def _smallest(x: Tensor, ranks: Sequence[int]) -> np.ndarray:
     introselect on the collected candidates, and not slowed by many equal values), else by introselect
     (itself several times faster than torch.kthvalue on CPU)."""
     a = x.numpy()
+    if any(not 0 <= r < a.size for r in ranks):
+        raise IndexError(f"ranks {list(ranks)} out of range for {a.size} values")
     if KERNELS and a.dtype == np.float32:
         out = np.empty(len(ranks), dtype=np.float32)
         K.select_nonneg_f32(np.ascontiguousarray(a), np.asarray(ranks, dtype=np.int64), out)

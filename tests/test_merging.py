@@ -719,3 +719,13 @@ def test_radix_select_equals_numpy_partition(case):
         expect = np.partition(x.copy(), r)[r]
         assert (np.isnan(value) and np.isnan(expect)) or value == expect, (case, r, value, expect)
     assert np.array_equal(x, before, equal_nan=True)  # the input is left as it was
+
+
+def test_order_statistic_out_of_range_is_an_error_not_a_read_past_the_end():
+    from models.merging import _smallest
+
+    x = torch.rand(100)
+    for bad in ([100], [-1], [5, 100]):
+        with pytest.raises(IndexError):
+            _smallest(x, bad)
+    assert float(_smallest(x, [99])[0]) == float(x.max())
