@@ -21,6 +21,21 @@ except ImportError:  # pragma: no cover - numba is in requirements.txt
     numba = None
 
 AVAILABLE = numba is not None
+
+
+def _has_avx512() -> bool:
+    """Whether the loops are compiled for this CPU (numba's default) and it has AVX-512F: the selection
+    scans then collect their bracketed positions with its compress instruction."""
+    if not AVAILABLE or numba.config.CPU_NAME not in (None, "host"):
+        return False
+    try:
+        from llvmlite import binding
+        return bool(binding.get_host_cpu_features().get("avx512f", False))
+    except Exception:  # pragma: no cover - an llvmlite without the query: the portable loop
+        return False
+
+
+AVX512 = _has_avx512()
 MAX_MODELS = 5
 
 # SplitMix64 (Steele, Lea & Flood 2014): output k of the generator seeded with `seed` is mix(seed + k * GAMMA)
@@ -84,17 +99,81 @@ if AVAILABLE:
     SCAN_BLOCK = 256  # scan_abs_deltas_f32: elements per block (its |d| stay in L1 for the collecting loop)
 
     @_jit
+    def bracketed_positions_portable(ubuf, m, lo_bits, span_bits, hits):  # pragma: no cover - compiled
+        """The positions i < m (in order) of the float32 bits ubuf[i] in the bracket [lo, hi] (for x >= 0 the
+        bits of x order as x does: x is in [lo, hi] exactly when bits(x) - bits(lo) <= bits(hi) - bits(lo)
+        as unsigned 32-bit integers; NaN's bits lie above +inf's, so NaN is never in it) to the front of
+        hits; returns their count. A branch per element: rarely taken, but each hit costs a misprediction."""
+        h = 0
+        for i in range(m):
+            if np.uint32(ubuf[i] - lo_bits) <= span_bits:
+                hits[h] = i
+                h += 1
+        return h
+
+    if AVX512:
+        from llvmlite import ir as _ir
+        from numba.core import cgutils as _cgutils
+        from numba.core import types as _types
+        from numba.extending import intrinsic as _intrinsic
+
+        @_intrinsic
+        def _compress_positions16(typingctx, ubuf, k0, lo_bits, span_bits, hits, h):
+            """hits[h:h + 16] = the positions k0..k0 + 15 whose bits ubuf[k] are in the bracket, packed to the
+            front (vpcompressd into a register, then one 16-lane store: compressing straight to memory is
+            several times slower on AMD Zen 4); returns how many. hits needs 16 slots beyond h."""
+            def codegen(context, builder, signature, args):
+                u, k, lo, span, out, at = args
+                i32 = _ir.IntType(32)
+                vec = _ir.VectorType(i32, 16)
+
+                def splat(x):
+                    x = builder.trunc(x, i32) if x.type.width > 32 else builder.zext(x, i32) if x.type.width < 32 else x
+                    v = builder.insert_element(_ir.Constant(vec, _ir.Undefined), x, _ir.Constant(i32, 0))
+                    return builder.shuffle_vector(v, v, _ir.Constant(vec, [0] * 16))
+
+                data = context.make_array(signature.args[0])(context, builder, u).data
+                dest = context.make_array(signature.args[4])(context, builder, out).data
+                bits = builder.load(builder.bitcast(builder.gep(data, [k]), vec.as_pointer()), align=4)
+                inside = builder.icmp_unsigned("<=", builder.sub(bits, splat(lo)), splat(span))
+                positions = builder.add(splat(k), _ir.Constant(vec, list(range(16))))
+                compress = _cgutils.get_or_insert_function(
+                    builder.module, _ir.FunctionType(vec, [vec, vec, _ir.VectorType(_ir.IntType(1), 16)]),
+                    "llvm.x86.avx512.mask.compress.v16i32")
+                packed = builder.call(compress, [positions, positions, inside])
+                builder.store(packed, builder.bitcast(builder.gep(dest, [at]), vec.as_pointer()), align=4)
+                return builder.zext(builder.ctpop(builder.bitcast(inside, _ir.IntType(16))), _ir.IntType(64))
+
+            return _types.intp(ubuf, k0, lo_bits, span_bits, hits, h), codegen
+
+        @_jit
+        def bracketed_positions_avx512(ubuf, m, lo_bits, span_bits, hits):  # pragma: no cover - compiled
+            """bracketed_positions_portable, 16 positions per compress instruction (no branch per element;
+            measured 2x faster for TIES' whole scan); hits needs 16 slots beyond m."""
+            h = 0
+            full = m - m % 16
+            for k0 in range(0, full, 16):
+                h += _compress_positions16(ubuf, k0, lo_bits, span_bits, hits, h)
+            for i in range(full, m):
+                if np.uint32(ubuf[i] - lo_bits) <= span_bits:
+                    hits[h] = i
+                    h += 1
+            return h
+
+        bracketed_positions = bracketed_positions_avx512
+    else:
+        bracketed_positions = bracketed_positions_portable
+
+    @_jit
     def scan_abs_deltas_f32(b, ms, his, lo_bits, span_bits, inside, counts):  # pragma: no cover - compiled
         """scan_abs_deltas for float32, faster: per block, one vectorised loop computes |d| into a buffer, counts
-        the values above his[j] and looks for NaN; a second loop collects those in the bracket with one integer
-        comparison of their bits (for x >= 0 the bits of x order as x does: x is in [lo, hi] exactly when
-        bits(x) - bits(lo) <= bits(hi) - bits(lo) as unsigned 32-bit integers; NaN's bits lie above
-        +inf's, so NaN is never collected). That branch is rarely taken and predicted well, where the two
-        comparisons of x >= lo and x <= hi compile to a coin-flip branch. lo_bits[j] = bits(max(lo, 0)),
-        span_bits[j] = bits(hi) - lo_bits[j]."""
+        the values above his[j] and looks for NaN; bracketed_positions then finds those in the bracket by
+        one integer comparison of their bits (where x >= lo and x <= hi compile to a coin-flip branch), and
+        they are copied to the row. lo_bits[j] = bits(max(lo, 0)), span_bits[j] = bits(hi) - lo_bits[j]."""
         nan = False
         buf = np.empty(SCAN_BLOCK, dtype=np.float32)
         ubuf = buf.view(np.uint32)
+        hits = np.empty(SCAN_BLOCK + 16, dtype=np.int32)
         size = b.size
         for j in range(len(ms)):
             mj, row, hi, lb, span = ms[j], inside[j], np.float32(his[j]), lo_bits[j], span_bits[j]
@@ -108,10 +187,10 @@ if AVAILABLE:
                     buf[i] = x
                     above += x > hi
                     nan |= x != x
-                for i in range(m):
-                    if np.uint32(ubuf[i] - lb) <= span:
-                        row[c] = buf[i]
-                        c += 1
+                h = bracketed_positions(ubuf, m, lb, span, hits)
+                for t in range(h):
+                    row[c + t] = buf[hits[t]]
+                c += h
             counts[j, 0] = above
             counts[j, 1] = c
         return nan
@@ -149,6 +228,7 @@ if AVAILABLE:
         size = b.size
         vbuf = np.empty(SCAN_BLOCK, dtype=np.float32)
         ubuf = vbuf.view(np.uint32)
+        hits = np.empty(SCAN_BLOCK + 16, dtype=np.int32)
         mean = np.empty(SCAN_BLOCK)
         m2 = np.empty(SCAN_BLOCK)
         sq = np.zeros(SCAN_BLOCK)
@@ -189,14 +269,15 @@ if AVAILABLE:
                     d = np.float64(mj[i] - bb[i])
                     sq[i] = d * d if vbuf[i] > hi32 else 0.0
                 _add_to_lanes(sq, m, lj)
-            for i in range(m):
-                if np.uint32(ubuf[i] - lo_bits) <= span_bits:
-                    cand_v[c] = vbuf[i]
-                    cand_i[c] = i0 + i
-                    for j in range(n):
-                        d = np.float64(ms[j][i0 + i] - bb[i])
-                        cand_sq[j, c] = d * d
-                    c += 1
+            h = bracketed_positions(ubuf, m, lo_bits, span_bits, hits)
+            for t in range(h):
+                i = hits[t]
+                cand_v[c] = vbuf[i]
+                cand_i[c] = i0 + i
+                for j in range(n):
+                    d = np.float64(ms[j][i0 + i] - bb[i])
+                    cand_sq[j, c] = d * d
+                c += 1
         counts[0] = nnz
         counts[1] = above
         counts[2] = c

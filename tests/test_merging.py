@@ -729,3 +729,37 @@ def test_order_statistic_out_of_range_is_an_error_not_a_read_past_the_end():
         with pytest.raises(IndexError):
             merging._smallest(x, bad)
     assert float(merging._smallest(x, [99])[0]) == float(x.max())
+
+
+def test_bracketed_positions_compress_equals_the_portable_loop():
+    """The selection scans' collection: the AVX-512 compress path (used where the CPU has it) finds the same
+    positions in the same order as the portable loop, for block lengths that are and are not multiples of
+    16, brackets holding nothing, everything, a few percent, zero, inf and NaN's neighbourhood."""
+    import numpy as np
+
+    import models.merge_kernels as K
+
+    if not K.AVAILABLE:
+        pytest.skip("numba not installed")
+    if not K.AVX512:
+        pytest.skip("this CPU has no AVX-512: only the portable loop runs here")
+    rng = np.random.default_rng(5)
+    block = K.SCAN_BLOCK
+    values = np.abs(rng.standard_normal(block)).astype(np.float32)
+    values[[3, 40, 41, 200]] = [0.0, np.inf, np.nan, 1e-45]
+    ubuf = values.view(np.uint32)
+
+    def bits(x):
+        return np.float32(x).view(np.uint32)
+
+    brackets = [(bits(0.5), bits(0.52)), (bits(0.0), bits(np.inf)), (bits(2.0), bits(1.5)), (bits(0.0), bits(0.0)),
+                (bits(np.inf), bits(np.inf)), (bits(1e-45), bits(0.3)), (bits(3.0), bits(np.inf))]
+    for lo, hi in brackets:
+        span = np.uint32((int(hi) - int(lo)) % 2**32)  # (a bracket with hi < lo wraps round)
+        for m in (block, block - 1, 17, 16, 15, 1, 0):
+            a = np.full(block + 16, -1, dtype=np.int32)
+            b = np.full(block + 16, -1, dtype=np.int32)
+            ha = K.bracketed_positions_avx512(ubuf, m, np.uint32(lo), span, a)
+            hb = K.bracketed_positions_portable(ubuf, m, np.uint32(lo), span, b)
+            expect = [i for i in range(m) if (int(ubuf[i]) - int(lo)) % 2**32 <= span]  # the definition
+            assert ha == hb == len(expect) and a[:ha].tolist() == b[:hb].tolist() == expect, (lo, hi, m)
