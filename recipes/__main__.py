@@ -143,4 +143,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from recipes.engine.early_signals import ignore_late_signals
+
+    ignore_late_signals()  # the command is over: a SLURM warning during interpreter shutdown must not kill it
+    sys.exit(code)

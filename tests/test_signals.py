@@ -125,6 +125,36 @@ def test_signal_checkpoints_at_next_step_and_resumes_exactly(tmp_path, data_cach
     assert [s["step"] for s in segs] == [0, step] and segs[1]["resumed_from"].endswith("last.ckpt")
 
 
+_LATE_SIGNAL = """
+import os, signal, time
+
+
+class _SignalAtShutdown:  # a module global: finalised while the interpreter shuts down, after main() returned
+    def __del__(self):
+        os.kill(os.getpid(), signal.{name})
+        time.sleep(0.3)  # the signal is delivered within this window
+
+
+_late = _SignalAtShutdown()
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
+def test_a_signal_after_the_run_finished_does_not_fail_it(tmp_path, data_cache, signame):
+    # SLURM's warning can land while a finished run's interpreter shuts down, when Python has already put the
+    # default action (kill) back: the job would end FAILED (exit 138) with its training done. A sitecustomize
+    # module in the real `python -m recipes` process sends the signal from its finaliser, i.e. at that moment.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_LATE_SIGNAL.format(name=signame))
+    env = _env(PYTHONPATH=f"{site}{os.pathsep}{ROOT}")
+    args = [a for a in _args(tmp_path, data_cache, "run.run_id=late") if not a.startswith("trainer.max_steps=")]
+    r = subprocess.run([sys.executable, "-m", "recipes", "train", "tiny", *args, "trainer.max_steps=3"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    assert json.loads((tmp_path / "tiny" / "late" / "status.json").read_text())["state"] == "finished"
+
+
 @pytest.mark.slow  # long steps on purpose (about 3 minutes on 2 cores)
 def test_second_ctrl_c_stops_at_once_and_leaves_nothing_torn(tmp_path, data_cache):
     # long steps (a large batch), so that the second Ctrl-C comes before the step boundary

@@ -14,3 +14,15 @@ EARLY_SIGNALS: List[Tuple[str, float]] = []
 
 def record_early_signal(signum, frame) -> None:
     EARLY_SIGNALS.append((signal.Signals(signum).name, time.time()))
+
+
+def ignore_late_signals() -> None:
+    """Once the command has finished (checkpoint, summary and status all written) a late SIGUSR1 / SIGTERM has
+    nothing left to save. Python resets its own handlers to the default action while the interpreter shuts
+    down, and the default action of both kills the process: a SLURM warning arriving in that second or two
+    would turn a finished job into a FAILED one (exit 138). Ignoring them at the OS level outlives shutdown."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
