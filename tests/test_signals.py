@@ -139,20 +139,27 @@ _late = _SignalAtShutdown()
 """
 
 
-@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
-def test_a_signal_after_the_run_finished_does_not_fail_it(tmp_path, data_cache, signame):
+@pytest.mark.parametrize("signame,command", [("SIGUSR1", "train"), ("SIGTERM", "list")])
+def test_a_signal_after_the_command_finished_does_not_fail_it(tmp_path, data_cache, signame, command):
     # SLURM's warning can land while a finished run's interpreter shuts down, when Python has already put the
     # default action (kill) back: the job would end FAILED (exit 138) with its training done. A sitecustomize
     # module in the real `python -m recipes` process sends the signal from its finaliser, i.e. at that moment.
+    # (A short training run for SLURM's warning; the quickest command for SIGTERM: the same exit path.)
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(_LATE_SIGNAL.format(name=signame))
     env = _env(PYTHONPATH=f"{site}{os.pathsep}{ROOT}")
-    args = [a for a in _args(tmp_path, data_cache, "run.run_id=late") if not a.startswith("trainer.max_steps=")]
-    r = subprocess.run([sys.executable, "-m", "recipes", "train", "tiny", *args, "trainer.max_steps=3"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    args = ["list"]
+    if command == "train":
+        args = ["train", "tiny", "trainer.max_steps=3",
+                *[a for a in _args(tmp_path, data_cache, "run.run_id=late") if not a.startswith("trainer.max_steps=")]]
+    r = subprocess.run([sys.executable, "-m", "recipes", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
-    assert json.loads((tmp_path / "tiny" / "late" / "status.json").read_text())["state"] == "finished"
+    if command == "train":
+        assert json.loads((tmp_path / "tiny" / "late" / "status.json").read_text())["state"] == "finished"
+    else:
+        assert "tiny" in r.stdout
 
 
 @pytest.mark.slow  # long steps on purpose (about 3 minutes on 2 cores)
