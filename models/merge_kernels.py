@@ -8,6 +8,10 @@ an order of its own and models.merging uses its torch path), all of the working 
 `s` is the chunk's flat offset in the tensor (for the top-k cut-off by index and for DARE's counter).
 Scalars come in already rounded to the working dtype, as torch rounds a Python number against a tensor.
 The loops release the GIL, so models.merging runs chunks on several threads.
+The output loops (weighted_sum, ties_chunk, dare_chunk, sce_chunk) also return whether every delta m_j - b
+they computed is finite (d - d == 0 exactly when d is): a delta is finite only when both of its inputs are,
+so True proves the chunk's inputs finite and merge_safetensors skips its own pass over them (False: an input
+is NaN or inf, or a subtraction overflowed; merge_safetensors then checks the inputs themselves).
 
 AVAILABLE is False when numba cannot be imported; models.merging then uses its torch path (same results).
 """
@@ -61,14 +65,21 @@ if AVAILABLE:
 
     @_jit
     def weighted_sum(b, ms, w, lam, out):  # pragma: no cover - compiled
-        """out = b + lam * sum_j (m_j - b) * w_j  (task arithmetic; VaRM with lam = 1)."""
+        """out = b + lam * sum_j (m_j - b) * w_j  (task arithmetic; VaRM with lam = 1); returns whether every
+        delta m_j - b is finite."""
         n = len(ms)
+        bad = False
         for i in range(b.size):
             bi = b[i]
-            acc = (ms[0][i] - bi) * w[0]
+            d = ms[0][i] - bi
+            bad |= d - d != 0
+            acc = d * w[0]
             for j in range(1, n):
-                acc = acc + (ms[j][i] - bi) * w[j]
+                d = ms[j][i] - bi
+                bad |= d - d != 0
+                acc = acc + d * w[j]
             out[i] = bi + lam * acc
+        return not bad
 
     @_jit
     def _kept(a, thr, cut, gi):  # pragma: no cover - compiled
@@ -413,12 +424,14 @@ if AVAILABLE:
         th = np.empty(n, dtype=b.dtype)  # the thresholds are values of the working dtype (or -1, inf): exact
         for j in range(n):
             th[j] = thr[j]
+        bad = False
         for i in range(b.size):
             bi = b[i]
             gi = s + i
             total = zero
             for j in range(n):
                 d = ms[j][i] - bi
+                bad |= d - d != zero
                 a = abs(d)
                 x = (d if (a > th[j]) | ((a == th[j]) & (gi < cut[j])) else zero) * w[j]
                 total = x if j == 0 else total + x
@@ -438,14 +451,16 @@ if AVAILABLE:
             else:
                 div = one if abs(div) < eps else div
             out[i] = bi + (lam * mixed) / div
+        return not bad
 
     @_jit
     def dare_chunk(b, ms, w, seeds, s, density, rescale, lam, one, out):  # pragma: no cover - compiled
         """DARE on a chunk: keep delta entry i of model j where its uniform (SplitMix64 output s + i + 1 of
         seeds[j]) is below `density`, divide the kept by `density` when `rescale`, weight, sum;
-        out = b + lam * sum."""
+        out = b + lam * sum. Returns whether every delta is finite."""
         n = len(ms)
         zero = one - one
+        bad = False
         for i in range(b.size):
             bi = b[i]
             k = np.uint64(s + i + 1)
@@ -457,6 +472,7 @@ if AVAILABLE:
                 z = z ^ (z >> np.uint64(31))
                 u = np.float32(z >> np.uint64(40)) * np.float32(2.0 ** -24)
                 d = ms[j][i] - bi
+                bad |= d - d != zero
                 if not u < density:
                     d = d * zero
                 if rescale:
@@ -464,6 +480,7 @@ if AVAILABLE:
                 d = d * w[j]
                 acc = d if j == 0 else acc + d
             out[i] = bi + lam * acc
+        return not bad
 
     @_jit
     def welford_var(b, ms, var):  # pragma: no cover - compiled
@@ -520,18 +537,20 @@ if AVAILABLE:
         """SCE's last stage on a chunk: the deltas (masked by the variance top-k when `masked`; thr < 0
         selects all), the sign of their sum elected (0 -> +), agreeing entries weighted by w:
         out = b + sum_j w_j d_j [agree] / sum_j w_j [agree] (denominator 1 where below eps). One loop over
-        the elements with the models inside it, as ties_chunk."""
+        the elements with the models inside it, as ties_chunk. Returns whether every delta is finite."""
         n = len(ms)
         zero = one - one
         every = not masked or thr < 0
         t = var.dtype.type(thr) if not every else var.dtype.type(0)
         c = cut - s
+        bad = False
         for i in range(b.size):
             bi = b[i]
-            sel = every or (var[i] > t) | ((var[i] == t) & (i < c))
+            sel = every | (var[i] > t) | ((var[i] == t) & (i < c))  # `or` here stops the loop vectorising
             total = zero
             for j in range(n):
                 d = ms[j][i] - bi
+                bad |= d - d != zero
                 total = total + (d if sel else zero)
             up = total >= 0
             num = zero
@@ -543,6 +562,7 @@ if AVAILABLE:
                 den = den + (w[j] if agree else zero)
             oo = bi + num / (one if abs(den) < eps else den)
             out[i] = oo
+        return not bad
 
 
 def load(dtypes: tuple = (np.float32,)) -> float:

@@ -130,6 +130,11 @@ class _Buffers:
 _buffers: contextvars.ContextVar[_Buffers | None] = contextvars.ContextVar("merge_buffers", default=None)
 
 
+# set by merge_safetensors around each tensor's merge: [False], which _Job.run makes [True] when its loops saw
+# every delta finite (then the inputs are: merge_safetensors skips its own pass over them)
+_inputs_finite: contextvars.ContextVar[list | None] = contextvars.ContextVar("merge_inputs_finite", default=None)
+
+
 def _empty(shape: int | tuple[int, ...], dtype: torch.dtype) -> Tensor:
     pool = _buffers.get()
     return pool.take(shape, dtype) if pool is not None else torch.empty(shape, dtype=dtype)
@@ -248,19 +253,24 @@ class _Job:
     def np_scalars(self, values: Sequence[float]) -> np.ndarray:
         return np.array(values, dtype=self.npdt)  # rounded as torch.tensor(values, dtype) rounds
 
-    def run(self, body: Callable[[np.ndarray, tuple, int, np.ndarray], None]) -> Tensor:
+    def run(self, body: Callable[[np.ndarray, tuple, int, np.ndarray], bool]) -> Tensor:
         """body(base, models, s, out) on every chunk; out is a view of the output (or a working-dtype buffer
-        cast into it afterwards, as Tensor.copy_ rounds)."""
-        def chunk(s: int, e: int) -> None:
+        cast into it afterwards, as Tensor.copy_ rounds). body returns whether every delta of its chunk is
+        finite (the output loops of models.merge_kernels do); when all are, merge_safetensors is told that
+        this tensor's inputs are finite (_inputs_finite) and skips its own check."""
+        def chunk(s: int, e: int) -> bool:
             b, ms = self.np_chunk(s, e)
             if self.out.dtype == self.dt:
-                body(b, ms, s, self.out[s:e].numpy())
-            else:
-                tmp = torch.empty(e - s, dtype=self.dt)
-                body(b, ms, s, tmp.numpy())
-                self.out[s:e].copy_(tmp)
+                return body(b, ms, s, self.out[s:e].numpy())
+            tmp = torch.empty(e - s, dtype=self.dt)
+            ok = body(b, ms, s, tmp.numpy())
+            self.out[s:e].copy_(tmp)
+            return ok
 
-        self.each(chunk)
+        if all(self.each(chunk)):
+            seen = _inputs_finite.get()
+            if seen is not None:
+                seen[0] = True
         return self.result()
 
 
@@ -798,9 +808,9 @@ def _sce_fast(job: _Job, select_topk: float, masked_final_sum: bool) -> Tensor:
         w = _energy_weights(job, var_np, thr, cut, 1e-6)
     eps, one = job.npdt(1e-12), job.npdt(1.0)
 
-    def body(b: np.ndarray, ms: tuple, s: int, out: np.ndarray) -> None:
+    def body(b: np.ndarray, ms: tuple, s: int, out: np.ndarray) -> bool:
         v = var_np[s:s + b.size] if var_np.size else var_np
-        K.sce_chunk(b, ms, v, thr, cut, s, masked_final_sum, w, eps, one, out)
+        return K.sce_chunk(b, ms, v, thr, cut, s, masked_final_sum, w, eps, one, out)
 
     out = job.run(body)
     _release(var)  # (the closures above that view it are done)
@@ -1046,7 +1056,9 @@ def merge_safetensors(method: str, base_path: str, model_paths: Sequence[str], o
     may be absent from, or extra in, the models. Raised before anything is written (MergeInputError naming
     tensor and file): an unreadable, foreign or truncated file; a tensor of the models missing from the base;
     a tensor of the base missing from a model; a shape mismatch. A NaN or inf in an input tensor
-    (check_finite_values) is found as that tensor is read and aborts the merge: no output, no temporary file.
+    (check_finite_values) is found when that tensor is merged, before it is written, and aborts the merge: no
+    output, no temporary file (the fused loops prove a tensor's inputs finite on their own pass; otherwise
+    they are checked in a pass of their own).
     `on_tensor(name)` is called before each tensor; an exception it raises (a signal handler's, say) stops the
     merge the same way.
     """
@@ -1086,15 +1098,28 @@ def merge_safetensors(method: str, base_path: str, model_paths: Sequence[str], o
         def one(name: str) -> Tensor:
             """The output tensor `name`: read (and checked), merged; its inputs' pages released."""
             base = base_f.tensor(name)
-            if check_finite_values:
-                _check_finite(base, name, base_f.path)
             if name not in merged_set:
+                if check_finite_values:
+                    _check_finite(base, name, base_f.path)
                 return base
             models = [f.tensor(name) for f in model_fs]
-            if check_finite_values:
+            # the check rides on the merge's own pass where the method's loops report every delta finite;
+            # otherwise (or when the method fails: a selection over NaN, say) the inputs are checked here,
+            # before anything of this tensor is written
+            seen, error = [False], None
+            token = _inputs_finite.set(seen)
+            try:
+                out = fn(base, models, **kw)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the input check
+                error = e
+            finally:
+                _inputs_finite.reset(token)
+            if check_finite_values and not seen[0]:
+                _check_finite(base, name, base_f.path)
                 for f, m in zip(model_fs, models):
                     _check_finite(m, name, f.path)
-            out = fn(base, models, **kw)
+            if error is not None:
+                raise error
             if out.shape != base.shape or out.dtype != base.dtype:
                 raise RuntimeError(f"merge method {method!r} returned {out.dtype} {list(out.shape)} "
                                    f"for tensor {name!r} ({base.dtype} {list(base.shape)})")

@@ -381,6 +381,67 @@ def test_non_finite_value_aborts_the_merge(tmp_path, where, value):
     assert (base if where == "base" else paths[1]) in msg and "non-finite" in msg
 
 
+FIVE = [("task_arithmetic", {}), ("ties", {"density": 0.3}), ("dare", {"density": 0.5}), ("sce", {}), ("varm", {})]
+
+
+def _big_models(tmp_path, extra=None):
+    """_write_models plus "d.w", 200 x 200: past the direct selection, so TIES and SCE take their sampled,
+    fused paths (the inputs' finiteness is then proved by the merge's own loops, not by a pass of its own)."""
+    def add(base, sds):
+        g = torch.Generator().manual_seed(1)
+        base["d.w"] = torch.randn(200, 200, generator=g)
+        for sd in sds:
+            sd["d.w"] = base["d.w"] + 0.01 * torch.randn(200, 200, generator=g)
+        if extra:
+            extra(base, sds)
+    return _write_models(tmp_path, n=3, extra=add)
+
+
+@pytest.mark.parametrize("method,kw", FIVE)
+@pytest.mark.parametrize("where,value", [("model", float("nan")), ("model", float("inf")),
+                                         ("base", float("-inf")), ("base", float("nan"))])
+def test_non_finite_value_in_a_big_tensor_is_an_error_for_every_method(tmp_path, method, kw, where, value):
+    def extra(base, sds):
+        (base if where == "base" else sds[2])["d.w"][117, 3] = value
+    base, paths, out = _big_models(tmp_path, extra)
+    with pytest.raises(MergeInputError, match="'d.w'") as err:
+        merge_safetensors(method, base, paths, out, **kw)
+    msg = str(err.value)
+    assert (base if where == "base" else paths[2]) in msg and "has 1 non-finite value" in msg
+    _assert_nothing_written(out)
+
+
+def test_a_delta_that_overflows_is_not_mistaken_for_a_bad_input(tmp_path):
+    """Finite inputs whose difference overflows float32 (3e38 - (-3e38) = inf): the loops see a non-finite
+    delta, the inputs are then checked, found finite, and the merge goes on as the formula says."""
+    def extra(base, sds):
+        base["d.w"][5, 5] = -3e38
+        sds[0]["d.w"][5, 5] = 3e38
+    base, paths, out = _big_models(tmp_path, extra)
+    merge_safetensors("task_arithmetic", base, paths, out, lam=1.0)
+    got, want = load_file(out), merge_state_dicts("task_arithmetic", load_file(base),
+                                                  [load_file(p) for p in paths], lam=1.0)
+    assert torch.isinf(got["d.w"][5, 5]) and torch.equal(got["d.w"], want["d.w"])
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_the_finiteness_pass_is_skipped_only_where_the_loops_proved_it(tmp_path, monkeypatch, kernels):
+    """With the fused loops every merged tensor's inputs are proved finite by the merge's own pass, so the
+    separate check runs only for tensors copied from the base; with the torch path it runs for all inputs."""
+    import models.merging as merging
+
+    monkeypatch.setattr(merging, "KERNELS", kernels)
+    checked = []
+    real = merging._check_finite
+    monkeypatch.setattr(merging, "_check_finite", lambda t, name, path: (checked.append(name), real(t, name, path)))
+    base, paths, out = _big_models(tmp_path)
+    for method, kw in FIVE:
+        checked.clear()
+        merge_safetensors(method, base, paths, out, passthrough=["b.w"], **kw)
+        want = ["b.w"] if kernels else ["b.w"] + [n for n in ("a.w", "c.w", "d.w") for _ in range(4)]
+        assert sorted(checked) == sorted(want), method
+
+
 def test_truncated_file_is_an_error(tmp_path):
     base, paths, out = _write_models(tmp_path)
     size = os.path.getsize(paths[1])
