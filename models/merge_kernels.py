@@ -182,28 +182,38 @@ if AVAILABLE:
         one integer comparison of their bits (where x >= lo and x <= hi compile to a coin-flip branch), and
         they are copied to the row. lo_bits[j] = bits(max(lo, 0)), span_bits[j] = bits(hi) - lo_bits[j]."""
         nan = False
+        n = len(ms)
         buf = np.empty(SCAN_BLOCK, dtype=np.float32)
         ubuf = buf.view(np.uint32)
         hits = np.empty(SCAN_BLOCK + 16, dtype=np.int32)
         size = b.size
-        for j in range(len(ms)):
-            mj, row, hi, lb, span = ms[j], inside[j], np.float32(his[j]), lo_bits[j], span_bits[j]
-            above = 0
-            c = 0
-            for i0 in range(0, size, SCAN_BLOCK):
-                m = min(SCAN_BLOCK, size - i0)
-                bb, mm = b[i0:i0 + m], mj[i0:i0 + m]
+        hi = np.empty(n, dtype=np.float32)
+        above = np.zeros(n, dtype=np.int64)
+        c = np.zeros(n, dtype=np.int64)
+        for j in range(n):
+            hi[j] = his[j]
+        # blocks outside, models inside: the base's block is read from memory once for all of them
+        # (measured 1.2x faster than model by model)
+        for i0 in range(0, size, SCAN_BLOCK):
+            m = min(SCAN_BLOCK, size - i0)
+            bb = b[i0:i0 + m]
+            for j in range(n):
+                mm, hj = ms[j][i0:i0 + m], hi[j]
+                aj = 0
                 for i in range(m):
                     x = abs(mm[i] - bb[i])
                     buf[i] = x
-                    above += x > hi
+                    aj += x > hj
                     nan |= x != x
-                h = bracketed_positions(ubuf, m, lb, span, hits)
+                above[j] += aj
+                h = bracketed_positions(ubuf, m, lo_bits[j], span_bits[j], hits)
+                row, cj = inside[j], c[j]
                 for t in range(h):
-                    row[c + t] = buf[hits[t]]
-                c += h
-            counts[j, 0] = above
-            counts[j, 1] = c
+                    row[cj + t] = buf[hits[t]]
+                c[j] = cj + h
+        for j in range(n):
+            counts[j, 0] = above[j]
+            counts[j, 1] = c[j]
         return nan
 
     @_jit
@@ -418,14 +428,51 @@ if AVAILABLE:
         (0 -> +), average the agreeing entries (divisor: their count, at least 1, when `uniform`; else their
         weights' sum, 1 where below eps), out = b + lam * mixed / divisor. One loop over the elements with
         the models inside it (their number is part of the compiled type, so those loops unroll and the
-        element loop vectorises); each trimmed delta is computed twice, which is cheaper than storing it."""
+        element loop vectorises); each trimmed delta is computed twice, which is cheaper than storing it.
+        Returns whether every delta is finite."""
         n = len(ms)
         zero = one - one
         th = np.empty(n, dtype=b.dtype)  # the thresholds are values of the working dtype (or -1, inf): exact
         for j in range(n):
             th[j] = thr[j]
+        size = b.size
+        # a model whose cut-off lies outside the chunk keeps an entry tied at its threshold everywhere in it
+        # (loose) or nowhere: then the loop below without the index comparison, ~1.5x faster (the caller
+        # splits a chunk at the cut-offs so that this is the rule)
+        loose = np.empty(n, dtype=np.bool_)
+        inside = False
+        for j in range(n):
+            inside |= s < cut[j] < s + size
+            loose[j] = cut[j] >= s + size
         bad = False
-        for i in range(b.size):
+        if not inside:
+            for i in range(size):
+                bi = b[i]
+                total = zero
+                for j in range(n):
+                    d = ms[j][i] - bi
+                    bad |= d - d != zero
+                    a = abs(d)
+                    x = (d if (a > th[j]) | ((a == th[j]) & loose[j]) else zero) * w[j]
+                    total = x if j == 0 else total + x
+                up = total >= zero
+                mixed = zero
+                div = zero
+                for j in range(n):
+                    d = ms[j][i] - bi
+                    a = abs(d)
+                    x = (d if (a > th[j]) | ((a == th[j]) & loose[j]) else zero) * w[j]
+                    agree = ((x > zero) & up) | ((x < zero) & (not up))
+                    add = one if uniform else w[j]
+                    mixed = (x if agree else zero) if j == 0 else mixed + (x if agree else zero)
+                    div = (add if agree else zero) if j == 0 else div + (add if agree else zero)
+                if uniform:
+                    div = one if div < one else div
+                else:
+                    div = one if abs(div) < eps else div
+                out[i] = bi + (lam * mixed) / div
+            return not bad
+        for i in range(size):
             bi = b[i]
             gi = s + i
             total = zero

@@ -616,7 +616,13 @@ def ties(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
         cut = np.array([0 if c is None else c[1] for c in cuts], dtype=np.int64)
         wn, lam_n, eps, one = job.np_scalars(wv), job.npdt(lam), job.npdt(1e-8), job.npdt(1.0)
         uniform = all(x == 1.0 for x in wv)
-        return job.run(lambda b, ms, s, out: K.ties_chunk(b, ms, wn, thr, cut, s, lam_n, uniform, eps, one, out))
+        def body(b: np.ndarray, ms: tuple, s: int, out: np.ndarray) -> bool:
+            # split at the cut-offs inside the chunk: each piece runs the loop without index comparisons
+            ends = sorted({0, b.size, *(int(c) - s for c in cut if s < c < s + b.size)})
+            return all([K.ties_chunk(b[p:q], tuple(m[p:q] for m in ms), wn, thr, cut, s + p, lam_n, uniform, eps,
+                                     one, out[p:q]) for p, q in zip(ends, ends[1:])])
+
+        return job.run(body)
 
     def chunk(s: int, e: int) -> None:
         bc = job.b(s, e)
