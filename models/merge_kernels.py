@@ -429,58 +429,28 @@ if AVAILABLE:
         weights' sum, 1 where below eps), out = b + lam * mixed / divisor. One loop over the elements with
         the models inside it (their number is part of the compiled type, so those loops unroll and the
         element loop vectorises); each trimmed delta is computed twice, which is cheaper than storing it.
-        Returns whether every delta is finite."""
+        No cut-off may fall inside the chunk (the caller splits it there): then an entry tied at th[j] is kept
+        everywhere in the chunk or nowhere, and the loop needs no index comparison (1.65x faster than with
+        it). Returns whether every delta is finite."""
         n = len(ms)
         zero = one - one
-        th = np.empty(n, dtype=b.dtype)  # the thresholds are values of the working dtype (or -1, inf): exact
-        for j in range(n):
-            th[j] = thr[j]
         size = b.size
-        # a model whose cut-off lies outside the chunk keeps an entry tied at its threshold everywhere in it
-        # (loose) or nowhere: then the loop below without the index comparison, ~1.5x faster (the caller
-        # splits a chunk at the cut-offs so that this is the rule)
-        loose = np.empty(n, dtype=np.bool_)
-        inside = False
+        th = np.empty(n, dtype=b.dtype)  # the thresholds are values of the working dtype (or -1, inf): exact
+        loose = np.empty(n, dtype=np.bool_)  # model j keeps its entries tied at th[j] in this chunk
         for j in range(n):
-            inside |= s < cut[j] < s + size
+            if s < cut[j] < s + size:
+                raise ValueError("ties_chunk: a cut-off inside the chunk (split the chunk there)")
+            th[j] = thr[j]
             loose[j] = cut[j] >= s + size
         bad = False
-        if not inside:
-            for i in range(size):
-                bi = b[i]
-                total = zero
-                for j in range(n):
-                    d = ms[j][i] - bi
-                    bad |= d - d != zero
-                    a = abs(d)
-                    x = (d if (a > th[j]) | ((a == th[j]) & loose[j]) else zero) * w[j]
-                    total = x if j == 0 else total + x
-                up = total >= zero
-                mixed = zero
-                div = zero
-                for j in range(n):
-                    d = ms[j][i] - bi
-                    a = abs(d)
-                    x = (d if (a > th[j]) | ((a == th[j]) & loose[j]) else zero) * w[j]
-                    agree = ((x > zero) & up) | ((x < zero) & (not up))
-                    add = one if uniform else w[j]
-                    mixed = (x if agree else zero) if j == 0 else mixed + (x if agree else zero)
-                    div = (add if agree else zero) if j == 0 else div + (add if agree else zero)
-                if uniform:
-                    div = one if div < one else div
-                else:
-                    div = one if abs(div) < eps else div
-                out[i] = bi + (lam * mixed) / div
-            return not bad
         for i in range(size):
             bi = b[i]
-            gi = s + i
             total = zero
             for j in range(n):
                 d = ms[j][i] - bi
                 bad |= d - d != zero
                 a = abs(d)
-                x = (d if (a > th[j]) | ((a == th[j]) & (gi < cut[j])) else zero) * w[j]
+                x = (d if (a > th[j]) | ((a == th[j]) & loose[j]) else zero) * w[j]
                 total = x if j == 0 else total + x
             up = total >= zero
             mixed = zero
@@ -488,7 +458,7 @@ if AVAILABLE:
             for j in range(n):
                 d = ms[j][i] - bi
                 a = abs(d)
-                x = (d if (a > th[j]) | ((a == th[j]) & (gi < cut[j])) else zero) * w[j]
+                x = (d if (a > th[j]) | ((a == th[j]) & loose[j]) else zero) * w[j]
                 agree = ((x > zero) & up) | ((x < zero) & (not up))
                 add = one if uniform else w[j]
                 mixed = (x if agree else zero) if j == 0 else mixed + (x if agree else zero)
