@@ -20,7 +20,9 @@ load from other processes hits them alike. After the first small run of each met
 against merge_state_dicts of the same module on a few tensors (DARE, which draws random masks: each element
 of the output must be the base plus a subset sum of the deltas / density).
 
-MERGE_IMPL=/path/to/merging.py measures another implementation file (imported in place of models.merging);
+MERGE_IMPL=/path/to/merging.py measures another implementation file (imported in place of models.merging; a
+file in another checkout's models/ folder brings that folder's merge_kernels.py and merge_io.py with it, so
+`git worktree add /tmp/old <commit>` and --impl before=/tmp/old/models/merging.py measure a whole commit);
 MERGEKIT_PYTHON=/path/to/venv/bin/python adds mergekit's `run_merge` (timed in the same way, in that venv) as
 extra columns. `python -m bench.merging --impl before=/tmp/old.py --impl now=models/merging.py --sizes small
 --json out.json` compares implementations side by side in one run without touching bench/results.json.
@@ -167,12 +169,24 @@ def _load_impl(impl: str):
 
         return mod
     import importlib.util
+    import types
 
-    import models  # noqa: F401  (the file is loaded as a module of the package: its relative imports resolve)
+    folder = Path(impl).resolve().parent
+    if folder != (ROOT / "models").resolve() and (folder / "merge_kernels.py").exists():
+        # a file of another checkout: its relative imports (kernels, I/O) resolve to its own folder, so a whole
+        # earlier commit is measured (a package named after the folder's path, whose modules load from it)
+        pkg_name = "merge_impl_" + hashlib.sha1(str(folder).encode()).hexdigest()[:10]
+        pkg = types.ModuleType(pkg_name)
+        pkg.__path__ = [str(folder)]
+        sys.modules[pkg_name] = pkg
+        name = pkg_name + ".merging"
+    else:
+        import models  # noqa: F401  (loaded as a module of the package: its relative imports resolve to it)
 
-    spec = importlib.util.spec_from_file_location("models.merging_impl", impl)
+        name = "models.merging_impl"
+    spec = importlib.util.spec_from_file_location(name, impl)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["models.merging_impl"] = mod
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 
