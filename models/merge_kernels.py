@@ -87,20 +87,22 @@ if AVAILABLE:
         return a > thr or (a == thr and gi < cut)
 
     @_jit
-    def scan_abs_deltas(b, ms, his, los, inside, counts):  # pragma: no cover - compiled
+    def scan_abs_deltas(b, ms, his, los, inside, where, counts):  # pragma: no cover - compiled
         """One pass of the top-k selection over |m_j - b| for every model given: (count of values > his[j],
-        count in [los[j], his[j]]) into counts[j], the values in the bracket to the front of inside[j]; returns
-        whether a NaN was seen. Branch-free (the comparisons are coin flips at TIES' densities): every value is
-        stored, the position advances on a hit."""
+        count in [los[j], his[j]]) into counts[j], the values in the bracket to the front of inside[j] and
+        their indices (in order) to the front of where[j]; returns whether a NaN was seen. Branch-free (the
+        comparisons are coin flips at TIES' densities): every value is stored, the position advances on a
+        hit."""
         nan = False
         for j in range(len(ms)):
-            mj, hi, lo, row = ms[j], his[j], los[j], inside[j]
+            mj, hi, lo, row, irow = ms[j], his[j], los[j], inside[j], where[j]
             above = 0
             c = 0
             for i in range(b.size):
                 x = abs(mj[i] - b[i])
                 above += x > hi
                 row[c] = x
+                irow[c] = i
                 c += (x >= lo) & (x <= hi)
                 nan |= x != x
             counts[j, 0] = above
@@ -176,11 +178,12 @@ if AVAILABLE:
         bracketed_positions = bracketed_positions_portable
 
     @_jit
-    def scan_abs_deltas_f32(b, ms, his, lo_bits, span_bits, inside, counts):  # pragma: no cover - compiled
+    def scan_abs_deltas_f32(b, ms, his, lo_bits, span_bits, inside, where, counts):  # pragma: no cover - compiled
         """scan_abs_deltas for float32, faster: per block, one vectorised loop computes |d| into a buffer, counts
         the values above his[j] and looks for NaN; bracketed_positions then finds those in the bracket by
         one integer comparison of their bits (where x >= lo and x <= hi compile to a coin-flip branch), and
-        they are copied to the row. lo_bits[j] = bits(max(lo, 0)), span_bits[j] = bits(hi) - lo_bits[j]."""
+        they are copied to the row (their indices to where[j]). lo_bits[j] = bits(max(lo, 0)),
+        span_bits[j] = bits(hi) - lo_bits[j]."""
         nan = False
         n = len(ms)
         buf = np.empty(SCAN_BLOCK, dtype=np.float32)
@@ -207,9 +210,10 @@ if AVAILABLE:
                     nan |= x != x
                 above[j] += aj
                 h = bracketed_positions(ubuf, m, lo_bits[j], span_bits[j], hits)
-                row, cj = inside[j], c[j]
+                row, irow, cj = inside[j], where[j], c[j]
                 for t in range(h):
                     row[cj + t] = buf[hits[t]]
+                    irow[cj + t] = i0 + hits[t]
                 c[j] = cj + h
         for j in range(n):
             counts[j, 0] = above[j]
@@ -601,11 +605,11 @@ def load(dtypes: tuple = (np.float32,)) -> float:
         weighted_sum(b, ms, w, one, out)
         for models in (ms, ms[:1]):  # all models, and one (the per-model path)
             scan_abs_deltas(b, models, np.ones(len(models)), np.zeros(len(models)), np.empty((2, 4), dtype=dt),
-                            np.empty((2, 2), np.int64))
+                            np.empty((2, 4), np.int32), np.empty((2, 2), np.int64))
             if dt == np.float32:
                 scan_abs_deltas_f32(b, models, np.ones(len(models)), np.zeros(len(models), np.uint32),
                                     np.ones(len(models), np.uint32), np.empty((2, 4), dtype=dt),
-                                    np.empty((2, 2), np.int64))
+                                    np.empty((2, 4), np.int32), np.empty((2, 2), np.int64))
         scan_values(b, 2.0, 0.5, np.empty(4, dtype=dt))
         find_abs_delta_equal(b, ms[0], 1.0, 1)
         find_value_equal(b, 0.0, 1)

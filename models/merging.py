@@ -330,8 +330,9 @@ def _select(values: Callable[[int, int], Tensor], spans: Sequence[tuple[int, int
     values above hi and collects those inside, and kthvalue runs on the few collected. `fast` does the passes on
     one chunk in fused loops: scan(a, b, hi, lo) -> (count above hi, the values in [lo, hi]), and
     find(a, b, thr, need) -> (count equal to thr, index in the chunk of the need-th of them or -1).
-    `scanned` = (hi, lo, count above hi, the values in [lo, hi] chunk by chunk): the bracket and the scan
-    done already (several models' in one pass), lo != hi."""
+    `scanned` = (hi, lo, count above hi, the values in [lo, hi] chunk by chunk, their flat indices chunk by
+    chunk): the bracket and the scan done already (several models' in one pass), lo != hi; a tie at the
+    cut-off is then resolved from the indices, without another pass."""
     if scanned is not None:
         hi, lo = scanned[:2]
     else:
@@ -371,6 +372,9 @@ def _select(values: Callable[[int, int], Tensor], spans: Sequence[tuple[int, int
     need = k - n_above
     if need == n_tie:
         return thr, numel
+    if scanned is not None:  # every value equal to thr is in the bracket, so among the collected, in order
+        tied = np.concatenate(scanned[4])[cand.numpy() == np.asarray(thr, dtype=cand.numpy().dtype)]
+        return thr, int(tied[need - 1]) + 1
     seen = 0  # ties straddle the cut-off: find the flat index of the need-th tied value
     for a, b in spans:
         if fast is not None:
@@ -410,11 +414,13 @@ def _threshold(values: Callable[[int, int], Tensor], job: _Job, k: int,
 _scratch = threading.local()  # per thread: the fused scans' collection buffer, reused
 
 
-def _scratch_buf(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def _scratch_buf(shape: tuple[int, ...], dtype: np.dtype, slot: str = "buf") -> np.ndarray:
+    """A reused per-thread buffer (one per slot name) viewed as an array of that shape and dtype."""
     size = math.prod(shape)
-    buf = getattr(_scratch, "buf", None)
+    buf = getattr(_scratch, slot, None)
     if buf is None or buf.size < size * dtype.itemsize:
-        buf = _scratch.buf = np.empty(max(size * dtype.itemsize, 1 << 20), dtype=np.uint8)
+        buf = np.empty(max(size * dtype.itemsize, 1 << 20), dtype=np.uint8)
+        setattr(_scratch, slot, buf)
     return buf[:size * dtype.itemsize].view(dtype).reshape(shape)
 
 
@@ -448,28 +454,32 @@ def _ties_cuts_fused(job: _Job, k: int) -> list[tuple[float, int]] | None:
         above = int(sum(int(c[0][j]) for c in chunks))
         find = functools.partial(_find_abs_delta_equal, job, j)
         return _select(lambda s, e: job.delta(j, s, e, job.b(s, e)).abs_(), job.spans, job.numel, k, None,
-                       (None, find), (his[j], los[j], above, [c[1][j] for c in chunks]))
+                       (None, find), (his[j], los[j], above, [c[1][j] for c in chunks], [c[2][j] for c in chunks]))
 
     return _map(finish, [(j,) for j in range(job.n)], min_items=2)  # the models' selections side by side
 
 
 def _scan_abs_deltas(job: _Job, a: int, b: int, models: Sequence[int], his: np.ndarray,
-                     los: np.ndarray) -> tuple[np.ndarray, list[Tensor]]:
+                     los: np.ndarray) -> tuple[np.ndarray, list[Tensor], list[np.ndarray]]:
     """The selection's pass over |d_j| on the chunk [a, b) for the given models (model models[i] bracketed by
-    [los[i], his[i]]): (count above the bracket per model, the values inside it per model)."""
+    [los[i], his[i]]): (count above the bracket per model, the values inside it per model, their flat
+    indices in the tensor per model)."""
     bb = job.np_values(job.base, a, b)
     ms = tuple(job.np_values(job.models[j], a, b) for j in models)
     inside = _scratch_buf((len(ms), b - a), bb.dtype)
+    where = _scratch_buf((len(ms), b - a), np.dtype(np.int32), "where")  # chunks are far below 2**31
     counts = np.empty((len(ms), 2), dtype=np.int64)
     if bb.dtype == np.float32:
         lo_bits = np.maximum(los, 0).astype(np.float32).view(np.uint32)  # |d| >= 0: a bracket below 0 is 0
         nan = K.scan_abs_deltas_f32(bb, ms, his, lo_bits, his.astype(np.float32).view(np.uint32) - lo_bits,
-                                    inside, counts)
+                                    inside, where, counts)
     else:
-        nan = K.scan_abs_deltas(bb, ms, his, los, inside, counts)
+        nan = K.scan_abs_deltas(bb, ms, his, los, inside, where, counts)
     if nan:
         raise _nan_error()
-    return counts[:, 0].copy(), [torch.from_numpy(inside[i, :counts[i, 1]].copy()) for i in range(len(ms))]
+    n = counts[:, 1]
+    return (counts[:, 0].copy(), [torch.from_numpy(inside[i, :n[i]].copy()) for i in range(len(ms))],
+            [where[i, :n[i]] + np.int64(a) for i in range(len(ms))])
 
 
 def _find_abs_delta_equal(job: _Job, j: int, a: int, b: int, thr: float, need: int) -> tuple[int, int]:
@@ -603,7 +613,7 @@ def ties(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
         fast = None
         if job.fast:
             def scan(a: int, b: int, hi: float, lo: float) -> tuple[int, Tensor]:
-                above, inside = _scan_abs_deltas(job, a, b, [j], np.array([hi]), np.array([lo]))
+                above, inside, _ = _scan_abs_deltas(job, a, b, [j], np.array([hi]), np.array([lo]))
                 return int(above[0]), inside[0]
 
             fast = (scan, functools.partial(_find_abs_delta_equal, job, j))

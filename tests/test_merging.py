@@ -582,6 +582,33 @@ def test_ties_per_model_selection_equals_the_fused_one_and_the_formula(monkeypat
     assert torch.equal(fused, _reference_ties(base, models, 0.3, None))
 
 
+def test_ties_fused_selection_resolves_ties_at_the_cut_off_from_the_scan(monkeypatch):
+    # deltas on a grid of 0.01: hundreds of values tie at each model's cut-off, yet the sample's bracket spans
+    # several grid values, so the fused pass runs; the lowest flat indices among the tied are kept, found from
+    # the indices the scan collected (no second pass: the per-chunk search is never called)
+    import models.merging as merging
+
+    if not merging.K.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(merging, "KERNELS", True)
+    g = torch.Generator().manual_seed(4)
+    base = torch.zeros(200_003)
+    models = [torch.round(torch.randn(200_003, generator=g) * 100) / 100 for _ in range(3)]
+    fused = []
+    real_fused = merging._ties_cuts_fused
+    monkeypatch.setattr(merging, "_ties_cuts_fused", lambda *a: fused.append(real_fused(*a)) or fused[-1])
+
+    def no_search(*a):
+        raise AssertionError("searched the tensor again for the tied values")
+
+    monkeypatch.setattr(merging, "_find_abs_delta_equal", no_search)
+    out = ties(base, models, density=0.3)
+    assert fused and fused[0] is not None
+    for (thr, cut), m in zip(fused[0], models):
+        assert 0 < cut < m.numel() and int((m.abs() == thr).sum()) > 100  # a tie straddles every cut-off
+    assert torch.equal(out, _reference_ties(base, models, 0.3, None))
+
+
 def test_side_by_side_tensors_equal_the_in_memory_merge_and_stay_bounded(tmp_path, monkeypatch):
     # merge_safetensors merges tensors up to 1/THREADS of the largest side by side (one per thread) and runs a
     # bigger one alone: with 3 threads forced, a recording method sees at most 3 tensors at once, the large
