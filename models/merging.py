@@ -31,6 +31,7 @@ import functools
 import inspect
 import math
 import os
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Mapping, Sequence
@@ -954,28 +955,18 @@ def _check_finite(t: Tensor, name: str, path: str) -> None:
 
 class _WriteBehind:
     """Hands tensors to a SafetensorsWriter on a thread, so that the output is written (and the disk works)
-    while the next tensors are merged. The tensors waiting hold at most `budget` bytes (one always may: a
-    tensor bigger than the budget waits alone), so memory stays bounded while the merge runs ahead of a
-    writer busy with a big tensor (with room for one tensor only, the merge stalled behind each big write).
-    Errors of the writing thread are raised by the next write or by close; abort stops it without further
-    writes."""
+    while the next tensor is merged; at most one tensor waits, so memory stays bounded. Errors of the
+    writing thread are raised by the next write or by close; abort stops it without further writes."""
 
-    def __init__(self, writer: SafetensorsWriter, buffers: _Buffers, budget: int):
-        self.writer, self.buffers, self.budget = writer, buffers, budget
-        self.error: BaseException | None = None
-        self.stop = False
-        self.items: collections.deque = collections.deque()
-        self.waiting = 0  # bytes of the tensors in self.items
-        self.cond = threading.Condition()
+    def __init__(self, writer: SafetensorsWriter, buffers: _Buffers):
+        self.writer, self.buffers, self.error, self.stop = writer, buffers, None, False
+        self.q: queue.Queue = queue.Queue(maxsize=1)
         self.thread = threading.Thread(target=self._run, name="merge-writer", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while True:
-            with self.cond:
-                while not self.items:
-                    self.cond.wait()
-                item = self.items.popleft()
+            item = self.q.get()
             if item is None:
                 return
             if self.error is None and not self.stop:
@@ -983,34 +974,23 @@ class _WriteBehind:
                     self.writer.write(*item)
                 except BaseException as e:  # noqa: BLE001 - handed to the merging thread
                     self.error = e
-            self.buffers.give(item[1])
-            with self.cond:
-                self.waiting -= item[1].nbytes
-                self.cond.notify_all()
+                self.buffers.give(item[1])
             del item
-
-    def _put(self, item: tuple | None, nbytes: int) -> None:
-        with self.cond:
-            while self.items and self.waiting + nbytes > self.budget and self.error is None:
-                self.cond.wait()
-            self.items.append(item)
-            self.waiting += nbytes
-            self.cond.notify_all()
 
     def write(self, name: str, t: Tensor) -> None:
         if self.error is not None:
             raise self.error
-        self._put((name, t), t.nbytes)
+        self.q.put((name, t))
 
     def close(self) -> None:
-        self._put(None, 0)
+        self.q.put(None)
         self.thread.join()
         if self.error is not None:
             raise self.error
 
     def abort(self) -> None:
         self.stop = True
-        self._put(None, 0)
+        self.q.put(None)
         self.thread.join()
 
 def _get_method(method: str) -> MergeFn:
@@ -1167,8 +1147,7 @@ def merge_safetensors(method: str, base_path: str, model_paths: Sequence[str], o
         buffers = _Buffers(keep=4 + 2 * THREADS)
         token = _buffers.set(buffers)
         with _one_thread(), SafetensorsWriter(out_path, layout, base_f.metadata) as writer:
-            largest = max((info.dtype.itemsize * info.numel for info in base_f.tensors.values()), default=0)
-            behind = _WriteBehind(writer, buffers, budget=largest)
+            behind = _WriteBehind(writer, buffers)
             try:
                 _side_by_side(list(layout), {n: base_f.tensors[n].numel for n in merged}, one, behind.write,
                               before=on_tensor)
