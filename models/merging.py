@@ -130,8 +130,9 @@ class _Buffers:
 _buffers: contextvars.ContextVar[_Buffers | None] = contextvars.ContextVar("merge_buffers", default=None)
 
 
-# set by merge_safetensors around each tensor's merge: [False], which _Job.run makes [True] when its loops saw
-# every delta finite (then the inputs are: merge_safetensors skips its own pass over them)
+# set by merge_safetensors around each tensor's merge: [False, where its inputs lie (_Job.key)]; _Job.run sets
+# the flag when its loops saw every delta of exactly those inputs finite (merge_safetensors then skips its own
+# pass over them; a method that merges other tensors, derived ones or a subset, proves nothing)
 _inputs_finite: contextvars.ContextVar[list | None] = contextvars.ContextVar("merge_inputs_finite", default=None)
 
 
@@ -269,9 +270,13 @@ class _Job:
 
         if all(self.each(chunk)):
             seen = _inputs_finite.get()
-            if seen is not None:
+            if seen is not None and seen[1] == self.key():  # these are the inputs merge_safetensors read
                 seen[0] = True
         return self.result()
+
+    def key(self) -> tuple:
+        """Where this job's inputs lie: (data pointer, numel) of the base and of each model."""
+        return tuple((t.data_ptr(), t.numel()) for t in [self.base, *self.models])
 
 
 def _sum0(parts: list[Tensor]) -> Tensor:
@@ -1122,7 +1127,7 @@ def merge_safetensors(method: str, base_path: str, model_paths: Sequence[str], o
             # the check rides on the merge's own pass where the method's loops report every delta finite;
             # otherwise (or when the method fails: a selection over NaN, say) the inputs are checked here,
             # before anything of this tensor is written
-            seen, error = [False], None
+            seen, error = [False, tuple((t.data_ptr(), t.numel()) for t in [base, *models])], None
             token = _inputs_finite.set(seen)
             try:
                 out = fn(base, models, **kw)

@@ -411,6 +411,25 @@ def test_non_finite_value_in_a_big_tensor_is_an_error_for_every_method(tmp_path,
     _assert_nothing_written(out)
 
 
+def test_a_method_merging_other_tensors_does_not_vouch_for_the_inputs(tmp_path):
+    """A registered method that merges only the first model through task_arithmetic: its loops see that
+    model's deltas only, so the NaN in the second model must still be found by merge_safetensors' own check."""
+    @register_merge("first_model_only")
+    def first_model_only(base, models):
+        return task_arithmetic(base, models[:1])
+
+    def extra(base, sds):
+        sds[1]["d.w"][3, 3] = float("nan")
+    base, paths, out = _big_models(tmp_path, extra)
+    try:
+        with pytest.raises(MergeInputError, match="'d.w'") as err:
+            merge_safetensors("first_model_only", base, paths, out)
+    finally:
+        MERGE_METHODS.pop("first_model_only")
+    assert paths[1] in str(err.value)
+    _assert_nothing_written(out)
+
+
 def test_a_delta_that_overflows_is_not_mistaken_for_a_bad_input(tmp_path):
     """Finite inputs whose difference overflows float32 (3e38 - (-3e38) = inf): the loops see a non-finite
     delta, the inputs are then checked, found finite, and the merge goes on as the formula says."""
