@@ -6,6 +6,7 @@ trained on the embedded corpus and cached under .cache/); texts are Python docum
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -140,7 +141,8 @@ def fusechat_alignment() -> dict:
 
 @register("fusechat_storage_merge", "FuseChat representation storage (bytes per token of a represent shard: "
           "top-10 ids int32 + logits float16 + per-sequence CE) and streaming SCE merge of 2 targets into a "
-          "pivot (llama 'small', safetensors) against the time to just read the three input files.")
+          "pivot (llama 'small', safetensors) against the time to just read the three input files "
+          "(fastest of 3 for the read and for each method; the compiled loops loaded first, kernel_load_s).")
 def fusechat_storage_merge() -> dict:
     from safetensors import safe_open
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -190,17 +192,25 @@ def fusechat_storage_merge() -> dict:
                         f.get_tensor(k).sum()
 
         read_bytes()  # warm the page cache so both sides read from memory
-        t = time.perf_counter()
-        read_bytes()
-        read_s = time.perf_counter() - t
+        read_s = math.inf
+        for _ in range(3):
+            t = time.perf_counter()
+            read_bytes()
+            read_s = min(read_s, time.perf_counter() - t)
         t = time.perf_counter()
         load_tensors()
         load_s = time.perf_counter() - t
+        # the compiled loops load once per process (~0.2 s from numba's cache): reported apart, not in the
+        # first method's time; then each method's fastest of 3
+        from models import merge_kernels
+
+        out["kernel_load_s"] = round(merge_kernels.load(), 3)
         merge_s = {}
         for method, kw in [("sce", {"select_topk": 0.1}), ("varm", {}), ("task_arithmetic", {"lam": 1.0})]:
-            t = time.perf_counter()
-            merge_safetensors(method, pivot, paths, str(tmp / f"merged_{method}.safetensors"), **kw)
-            merge_s[method] = time.perf_counter() - t
+            for _ in range(3):
+                t = time.perf_counter()
+                merge_safetensors(method, pivot, paths, str(tmp / f"merged_{method}.safetensors"), **kw)
+                merge_s[method] = min(merge_s.get(method, math.inf), time.perf_counter() - t)
         out.update({"merge_input_mb": round(total_bytes / 2**20, 1), "read_inputs_s": round(read_s, 3),
                     "load_input_tensors_s": round(load_s, 3),
                     **{f"merge_{m}_s": round(s, 3) for m, s in merge_s.items()},
