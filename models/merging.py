@@ -335,9 +335,9 @@ def _select(values: Callable[[int, int], Tensor], spans: Sequence[tuple[int, int
     values above hi and collects those inside, and kthvalue runs on the few collected. `fast` does the passes on
     one chunk in fused loops: scan(a, b, hi, lo) -> (count above hi, the values in [lo, hi]), and
     find(a, b, thr, need) -> (count equal to thr, index in the chunk of the need-th of them or -1).
-    `scanned` = (hi, lo, count above hi, the values in [lo, hi] chunk by chunk, their flat indices chunk by
-    chunk): the bracket and the scan done already (several models' in one pass), lo != hi; a tie at the
-    cut-off is then resolved from the indices, without another pass."""
+    `scanned` = (hi, lo, count above hi, the values in [lo, hi] chunk by chunk, (chunk start, their indices in
+    the chunk) chunk by chunk): the bracket and the scan done already (several models' in one pass), lo != hi;
+    a tie at the cut-off is then resolved from the indices, without another pass."""
     if scanned is not None:
         hi, lo = scanned[:2]
     else:
@@ -378,8 +378,11 @@ def _select(values: Callable[[int, int], Tensor], spans: Sequence[tuple[int, int
     if need == n_tie:
         return thr, numel
     if scanned is not None:  # every value equal to thr is in the bracket, so among the collected, in order
-        tied = np.concatenate(scanned[4])[cand.numpy() == np.asarray(thr, dtype=cand.numpy().dtype)]
-        return thr, int(tied[need - 1]) + 1
+        for values, (a, where) in zip(inside, scanned[4]):
+            tied = where[values.numpy() == np.asarray(thr, dtype=values.numpy().dtype)]
+            if need <= tied.size:
+                return thr, a + int(tied[need - 1]) + 1
+            need -= tied.size
     seen = 0  # ties straddle the cut-off: find the flat index of the need-th tied value
     for a, b in spans:
         if fast is not None:
@@ -484,7 +487,7 @@ def _scan_abs_deltas(job: _Job, a: int, b: int, models: Sequence[int], his: np.n
         raise _nan_error()
     n = counts[:, 1]
     return (counts[:, 0].copy(), [torch.from_numpy(inside[i, :n[i]].copy()) for i in range(len(ms))],
-            [where[i, :n[i]] + np.int64(a) for i in range(len(ms))])
+            [(a, where[i, :n[i]].copy()) for i in range(len(ms))])  # int32 within the chunk, + a when used
 
 
 def _find_abs_delta_equal(job: _Job, j: int, a: int, b: int, thr: float, need: int) -> tuple[int, int]:
