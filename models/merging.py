@@ -130,9 +130,9 @@ class _Buffers:
 _buffers: contextvars.ContextVar[_Buffers | None] = contextvars.ContextVar("merge_buffers", default=None)
 
 
-# set by merge_safetensors around each tensor's merge: [False, where its inputs lie (_Job.key)]; _Job.run sets
-# the flag when its loops saw every delta of exactly those inputs finite (merge_safetensors then skips its own
-# pass over them; a method that merges other tensors, derived ones or a subset, proves nothing)
+# set by merge_safetensors around each tensor's merge: [False, where its inputs lie (_where_inputs_lie)];
+# _Job.run sets the flag when its loops saw every delta of exactly those inputs finite (merge_safetensors then
+# skips its own pass over them; a method that merges other tensors, derived ones or a subset, proves nothing)
 _inputs_finite: contextvars.ContextVar[list | None] = contextvars.ContextVar("merge_inputs_finite", default=None)
 
 
@@ -270,13 +270,16 @@ class _Job:
 
         if all(self.each(chunk)):
             seen = _inputs_finite.get()
-            if seen is not None and seen[1] == self.key():  # these are the inputs merge_safetensors read
+            # only when these are the very inputs merge_safetensors read
+            if seen is not None and seen[1] == _where_inputs_lie(self.base, self.models):
                 seen[0] = True
         return self.result()
 
-    def key(self) -> tuple:
-        """Where this job's inputs lie: (data pointer, numel) of the base and of each model."""
-        return tuple((t.data_ptr(), t.numel()) for t in [self.base, *self.models])
+
+
+def _where_inputs_lie(base: Tensor, models: Sequence[Tensor]) -> tuple:
+    """(data pointer, numel) of the base and of each model: which tensors a merge is working on."""
+    return tuple((t.data_ptr(), t.numel()) for t in [base, *models])
 
 
 def _sum0(parts: list[Tensor]) -> Tensor:
@@ -460,18 +463,18 @@ def _ties_cuts_fused(job: _Job, k: int) -> list[tuple[float, int]] | None:
 
     def finish(j: int) -> tuple[float, int]:
         above = int(sum(int(c[0][j]) for c in chunks))
-        find = functools.partial(_find_abs_delta_equal, job, j)
+        # the scan has collected every value of the bracket with its index: no further pass over the tensor
         return _select(lambda s, e: job.delta(j, s, e, job.b(s, e)).abs_(), job.spans, job.numel, k, None,
-                       (None, find), (his[j], los[j], above, [c[1][j] for c in chunks], [c[2][j] for c in chunks]))
+                       None, (his[j], los[j], above, [c[1][j] for c in chunks], [c[2][j] for c in chunks]))
 
     return _map(finish, [(j,) for j in range(job.n)], min_items=2)  # the models' selections side by side
 
 
 def _scan_abs_deltas(job: _Job, a: int, b: int, models: Sequence[int], his: np.ndarray,
-                     los: np.ndarray) -> tuple[np.ndarray, list[Tensor], list[np.ndarray]]:
+                     los: np.ndarray) -> tuple[np.ndarray, list[Tensor], list[tuple[int, np.ndarray]]]:
     """The selection's pass over |d_j| on the chunk [a, b) for the given models (model models[i] bracketed by
-    [los[i], his[i]]): (count above the bracket per model, the values inside it per model, their flat
-    indices in the tensor per model)."""
+    [los[i], his[i]]): (count above the bracket per model, the values inside it per model, (a, their indices
+    within the chunk, int32) per model)."""
     bb = job.np_values(job.base, a, b)
     ms = tuple(job.np_values(job.models[j], a, b) for j in models)
     inside = _scratch_buf((len(ms), b - a), bb.dtype)
@@ -487,7 +490,7 @@ def _scan_abs_deltas(job: _Job, a: int, b: int, models: Sequence[int], his: np.n
         raise _nan_error()
     n = counts[:, 1]
     return (counts[:, 0].copy(), [torch.from_numpy(inside[i, :n[i]].copy()) for i in range(len(ms))],
-            [(a, where[i, :n[i]].copy()) for i in range(len(ms))])  # int32 within the chunk, + a when used
+            [(a, where[i, :n[i]].copy()) for i in range(len(ms))])
 
 
 def _find_abs_delta_equal(job: _Job, j: int, a: int, b: int, thr: float, need: int) -> tuple[int, int]:
@@ -1130,7 +1133,7 @@ def merge_safetensors(method: str, base_path: str, model_paths: Sequence[str], o
             # the check rides on the merge's own pass where the method's loops report every delta finite;
             # otherwise (or when the method fails: a selection over NaN, say) the inputs are checked here,
             # before anything of this tensor is written
-            seen, error = [False, tuple((t.data_ptr(), t.numel()) for t in [base, *models])], None
+            seen, error = [False, _where_inputs_lie(base, models)], None
             token = _inputs_finite.set(seen)
             try:
                 out = fn(base, models, **kw)
