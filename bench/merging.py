@@ -20,6 +20,9 @@ load from other processes hits them alike. After the first small run of each met
 against merge_state_dicts of the same module on a few tensors (DARE, which draws random masks: each element
 of the output must be the base plus a subset sum of the deltas / density).
 
+`merge_breakdown` splits each method's time on the small set (one process per method): the merge as run, the
+same merge with its output on tmpfs (no disk), and the method alone over tensors already in memory.
+
 MERGE_IMPL=/path/to/merging.py measures another implementation file (imported in place of models.merging; a
 file in another checkout's models/ folder brings that folder's merge_kernels.py and merge_io.py with it, so
 `git worktree add /tmp/old <commit>` and --impl before=/tmp/old/models/merging.py measure a whole commit);
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -39,7 +43,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import register
 
@@ -61,6 +65,7 @@ CHUNK = 16 << 20
 FORMAT = 1  # bump when the generated inputs change
 CHILD_TIMEOUT = 3600
 SLOW = {"merge_speed_large"}
+BREAKDOWN_REPS = 5
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -280,6 +285,51 @@ def _child_merge(impl: str, method: str, kw: dict, paths: Sequence[str], out: st
     if check:
         res["check"] = _check(mod, method, kw, paths, out)
     return res
+
+
+def _child_breakdown(method: str, kw: dict, paths: Sequence[str], out: str, reps: int) -> dict:
+    """Where one method's merge time goes, in one process, the three timed in turn `reps` times (fastest of
+    each): `disk_s` the merge as users run it (output to `out`, fsync included); `memory_s` the same merge
+    with its output on tmpfs (/dev/shm: the writer's copy into the page cache, no disk); `compute_s` the
+    method alone over the tensors already in memory (copied from the files beforehand, untimed), one tensor
+    after another in file order. One untimed merge first loads the compiled loops and warms the caches."""
+    import torch
+
+    from models import merge_kernels
+    from models.merge_io import SafetensorsFile
+    from models.merging import MERGE_METHODS, merge_safetensors
+
+    merge_kernels.load()
+    shm = Path("/dev/shm")
+    mem_out = str(shm / f"merge_breakdown_{os.getpid()}.safetensors") if shm.is_dir() else ""
+    files = [SafetensorsFile(p) for p in paths]
+    tensors = [(files[0].tensor(n).clone(), [f.tensor(n).clone() for f in files[1:]]) for n in files[0].tensors]
+    for f in files:
+        f.close()
+    fn = MERGE_METHODS[method]
+
+    def compute() -> None:
+        for base, models in tensors:
+            fn(base, models, **kw)
+
+    runs: Dict[str, Callable[[], None]] = {"disk_s": lambda: merge_safetensors(method, paths[0], list(paths[1:]),
+                                                                                 out, **kw)}
+    if mem_out:
+        runs["memory_s"] = lambda: merge_safetensors(method, paths[0], list(paths[1:]), mem_out, **kw)
+    runs["compute_s"] = compute
+    runs["disk_s"]()
+    best: Dict[str, float] = {}
+    try:
+        for _ in range(reps):
+            for key, run in runs.items():
+                t = time.perf_counter()
+                run()
+                best[key] = min(best.get(key, math.inf), time.perf_counter() - t)
+    finally:
+        for f in (out, mem_out):
+            if f and os.path.exists(f):
+                os.remove(f)
+    return {**best, "threads": torch.get_num_threads()}
 
 
 def _check(mod, method: str, kw: dict, paths: Sequence[str], out: str) -> dict:
@@ -526,12 +576,57 @@ def merge_speed_large() -> dict:
     return _registered("large")
 
 
+def breakdown(size: str = "small", reps: int = BREAKDOWN_REPS, log=print) -> dict:
+    """Per method, its merge time split three ways (see _child_breakdown), each over read_s (fastest of 3
+    reads in fresh processes, one before each third of the methods)."""
+    paths = _paths(build_inputs(size))
+    out_dir = _input_dir(size) / "out"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir()
+    reads, rows = [], {}
+    try:
+        for i, m in enumerate(METHODS):
+            if i % 2 == 0:
+                reads.append(_run_child(["-m", "bench.merging", "--child", "read", "--paths", *paths]))
+            r = _run_child(["-m", "bench.merging", "--child", "breakdown", "--method", m, "--kw",
+                            json.dumps(METHODS[m]), "--out", str(out_dir / "model.safetensors"),
+                            "--reps", str(reps), "--paths", *paths])
+            rows[m] = r
+            log(f"[merge breakdown] {m}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k.endswith("_s")))
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    read_s = min(min(r["chunks_s"], r["safetensors_s"]) for r in reads)
+    table = {}
+    for m, r in rows.items():
+        row = {}
+        for key in ("disk_s", "memory_s", "compute_s"):
+            if key in r:
+                row[key] = round(r[key], 3)
+                row[key[:-2] + "_over_read"] = round(r[key] / read_s, 2)
+        if "memory_s" in r:
+            row["compute_share"] = f"{r['compute_s'] / r['disk_s']:.0%}"
+        table[m] = row
+    return {"size": size, "read_s": round(read_s, 3), "repetitions": reps, "methods": table,
+            "command": "python -m bench --only merge_breakdown"}
+
+
+@register("merge_breakdown", "Where a merge's time goes, on the small inputs of merge_speed (25.8M parameters, "
+          "base + 3 fine-tunes, float32), per method, in one process per method, the three timed in turn 5 times "
+          "(fastest of each): `disk` the merge as run (output file written and fsynced), `memory` the same merge "
+          "writing its output to tmpfs (/dev/shm: no disk), `compute` the method alone over the tensors already in "
+          "memory, one tensor after another in file order; each also over read_s (reading the four inputs once). "
+          "compute_over_read above ~3 means the arithmetic alone, not the I/O, keeps a method from merge_speed's "
+          "goal on this machine; compute_share = compute / disk.")
+def merge_breakdown() -> dict:
+    return breakdown("small")
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--child", choices=["read", "merge", "write"])
+    ap.add_argument("--child", choices=["read", "merge", "write", "breakdown"])
     ap.add_argument("--paths", nargs="*")
     ap.add_argument("--method")
     ap.add_argument("--kw", default="{}")
@@ -549,6 +644,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if a.child == "write":
         print(json.dumps(_child_write(a.paths[0], a.out)))
+        return 0
+    if a.child == "breakdown":
+        print(json.dumps(_child_breakdown(a.method, json.loads(a.kw), a.paths, a.out, a.reps or BREAKDOWN_REPS)))
         return 0
     if a.child == "merge":
         print(json.dumps(_child_merge(os.environ.get("MERGE_IMPL", ""), a.method, json.loads(a.kw), a.paths, a.out,
