@@ -17,6 +17,8 @@ AVAILABLE is False when numba cannot be imported; models.merging then uses its t
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 try:
@@ -60,8 +62,19 @@ def uniforms(seed: int, start: int, count: int) -> np.ndarray:
     return ((z >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)).astype(np.float32)
 
 
+def bracket_ranks(s: int, numel: int, k: float, extra_sd: float) -> tuple[int, int]:
+    """(hi_i, lo_i): the ranks, in descending order and 0-based, of a sample of s values out of numel that
+    bracket the k-th largest of all numel: 4 standard deviations of the sample quantile either side (plus 4 x
+    extra_sd sample ranks: the uncertainty of an estimated k) plus 16. hi_i < s and lo_i >= 0 always; hi_i < 0
+    or lo_i >= s means that side is open. Plain Python, and compiled for ties_tensor_f32: the same bracket."""
+    q = k / numel
+    margin = 4.0 * (math.sqrt(s * q * (1 - q)) + extra_sd) + 16
+    return int(q * s - margin), int(q * s + margin)
+
+
 if AVAILABLE:
     _jit = numba.njit(nogil=True, cache=True, error_model="numpy")
+    _bracket_ranks = _jit(bracket_ranks)
 
     @_jit
     def weighted_sum(b, ms, w, lam, out):  # pragma: no cover - compiled
@@ -179,11 +192,17 @@ if AVAILABLE:
 
     @_jit
     def scan_abs_deltas_f32(b, ms, his, lo_bits, span_bits, inside, where, counts):  # pragma: no cover - compiled
+        """scan_abs_deltas for float32 (see scan_abs_deltas_f32_capped; rows as long as the chunk: never full)."""
+        return scan_abs_deltas_f32_capped(b, ms, his, lo_bits, span_bits, inside, where, counts)[0]
+
+    @_jit
+    def scan_abs_deltas_f32_capped(b, ms, his, lo_bits, span_bits, inside, where, counts):  # pragma: no cover
         """scan_abs_deltas for float32, faster: per block, one vectorised loop computes |d| into a buffer, counts
         the values above his[j] and looks for NaN; bracketed_positions then finds those in the bracket by
         one integer comparison of their bits (where x >= lo and x <= hi compile to a coin-flip branch), and
         they are copied to the row (their indices to where[j]). lo_bits[j] = bits(max(lo, 0)),
-        span_bits[j] = bits(hi) - lo_bits[j]."""
+        span_bits[j] = bits(hi) - lo_bits[j]. Returns (NaN seen, full): full when a model's row could not hold
+        all the values in its bracket (the scan then stops; counts are not set)."""
         nan = False
         n = len(ms)
         buf = np.empty(SCAN_BLOCK, dtype=np.float32)
@@ -211,6 +230,8 @@ if AVAILABLE:
                 above[j] += aj
                 h = bracketed_positions(ubuf, m, lo_bits[j], span_bits[j], hits)
                 row, irow, cj = inside[j], where[j], c[j]
+                if cj + h > row.size:
+                    return nan, True
                 for t in range(h):
                     row[cj + t] = buf[hits[t]]
                     irow[cj + t] = i0 + hits[t]
@@ -218,7 +239,7 @@ if AVAILABLE:
         for j in range(n):
             counts[j, 0] = above[j]
             counts[j, 1] = c[j]
-        return nan
+        return nan, False
 
     @_jit
     def _add_to_lanes(sq, m, lanes):  # pragma: no cover - compiled
@@ -436,18 +457,22 @@ if AVAILABLE:
         No cut-off may fall inside the chunk (the caller splits it there): then an entry tied at th[j] is kept
         everywhere in the chunk or nowhere, and the loop needs no index comparison (1.65x faster than with
         it). Returns whether every delta is finite."""
+        return ties_range(b, ms, 0, b.size, w, thr, cut, s, lam, uniform, eps, one, out)
+
+    @_jit
+    def ties_range(b, ms, p, q, w, thr, cut, s, lam, uniform, eps, one, out):  # pragma: no cover - compiled
+        """ties_chunk on the positions [p, q) of the arrays (flat offsets s + p .. s + q - 1 in the tensor)."""
         n = len(ms)
         zero = one - one
-        size = b.size
         th = np.empty(n, dtype=b.dtype)  # the thresholds are values of the working dtype (or -1, inf): exact
         loose = np.empty(n, dtype=np.bool_)  # model j keeps its entries tied at th[j] in this chunk
         for j in range(n):
-            if s < cut[j] < s + size:
+            if s + p < cut[j] < s + q:
                 raise ValueError("ties_chunk: a cut-off inside the chunk (split the chunk there)")
             th[j] = thr[j]
-            loose[j] = cut[j] >= s + size
+            loose[j] = cut[j] >= s + q
         bad = False
-        for i in range(size):
+        for i in range(np.uint64(p), np.uint64(q)):  # unsigned: no negative-index wraparound, so it vectorises
             bi = b[i]
             total = zero
             for j in range(n):
@@ -473,6 +498,99 @@ if AVAILABLE:
                 div = one if abs(div) < eps else div
             out[i] = bi + (lam * mixed) / div
         return not bad
+
+    @_jit
+    def _f32_bits(x):  # pragma: no cover - compiled
+        """The bits of a float32 value as uint32."""
+        a = np.empty(1, dtype=np.float32)
+        a[0] = x
+        return a.view(np.uint32)[0]
+
+    @_jit
+    def ties_tensor_f32(b, ms, k, step, w, lam, uniform, eps, one, thr, cut, out):  # pragma: no cover - compiled
+        """TIES on a whole float32 tensor in one call, with no Python (and no GIL) between its stages: each
+        model's top-k (k largest |d_j|) found as models.merging's fused selection finds it (the sample
+        |d_j| at every step-th position brackets the k-th largest, bracket_ranks; one scan counts the values
+        above the bracket and collects those inside with their positions; the exact k-th among those; ties
+        at it kept from the lowest position on), written to thr[j], cut[j] (the k largest: |d_j| > thr[j],
+        plus |d_j| == thr[j] at positions < cut[j]), then ties_chunk's loop over the pieces between the
+        cut-offs. Returns (status, finite): status 0 done, `finite` whether every delta was; 1 nothing
+        written: a bracket cannot be used (its ends equal, the k-th outside it, or more values inside it than
+        twice the expected number), the caller's general path takes over; 2 a delta is NaN."""
+        n = len(ms)
+        numel = b.size
+        s = (numel + step - 1) // step
+        hi_i, lo_i = _bracket_ranks(s, numel, k, 0.0)
+        ranks = np.empty(2, dtype=np.int64)
+        nr = 0
+        if hi_i >= 0:
+            ranks[nr] = s - hi_i - 1
+            nr += 1
+        if lo_i < s:
+            ranks[nr] = s - lo_i - 1
+            nr += 1
+        got = np.empty(2, dtype=np.float32)
+        samp = np.empty(s, dtype=np.float32)
+        his = np.empty(n, dtype=np.float64)
+        lo_bits = np.empty(n, dtype=np.uint32)
+        span_bits = np.empty(n, dtype=np.uint32)
+        for j in range(n):
+            mj = ms[j]
+            for i in range(s):
+                samp[i] = abs(mj[i * step] - b[i * step])
+            if nr > 0:
+                select_nonneg_f32(samp, ranks[:nr], got[:nr])
+            hi = got[0] if hi_i >= 0 else np.float32(np.inf)
+            lo = got[nr - 1] if lo_i < s else np.float32(-np.inf)
+            if hi == lo:
+                return 1, False
+            his[j] = hi
+            lo_bits[j] = _f32_bits(lo if lo > 0 else np.float32(0.0))
+            span_bits[j] = _f32_bits(hi) - lo_bits[j]
+        cap = min(numel, 2 * numel * (min(lo_i, s) - max(hi_i, -1) + 1) // s + 4096)
+        inside = np.empty((n, cap), dtype=np.float32)
+        where = np.empty((n, cap), dtype=np.int32)
+        counts = np.empty((n, 2), dtype=np.int64)
+        nan, full = scan_abs_deltas_f32_capped(b, ms, his, lo_bits, span_bits, inside, where, counts)
+        if nan:
+            return 2, False
+        if full:
+            return 1, False
+        one_rank = np.empty(1, dtype=np.int64)
+        for j in range(n):
+            above, nc = counts[j, 0], counts[j, 1]
+            if not above < k <= above + nc:
+                return 1, False
+            cand = inside[j, :nc]
+            one_rank[0] = nc - (k - above)
+            select_nonneg_f32(cand, one_rank, got[:1])
+            t = got[0]
+            n_above = above
+            n_tie = 0
+            for i in range(nc):
+                n_above += cand[i] > t
+                n_tie += cand[i] == t
+            need = k - n_above
+            thr[j] = t
+            cut[j] = numel
+            if need != n_tie:
+                seen = 0
+                for i in range(nc):
+                    if cand[i] == t:
+                        seen += 1
+                        if seen == need:
+                            cut[j] = where[j, i] + 1
+                            break
+        ends = np.empty(n + 2, dtype=np.int64)
+        ends[0], ends[1] = 0, numel
+        for j in range(n):
+            ends[j + 2] = cut[j]
+        ends.sort()
+        finite = True
+        for e in range(n + 1):
+            if ends[e + 1] > ends[e]:
+                finite &= ties_range(b, ms, ends[e], ends[e + 1], w, thr, cut, 0, lam, uniform, eps, one, out)
+        return 0, finite
 
     @_jit
     def dare_chunk(b, ms, w, seeds, s, density, rescale, lam, one, out):  # pragma: no cover - compiled

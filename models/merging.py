@@ -51,6 +51,9 @@ KERNEL_CHUNK = 1 << 18  # elements per chunk for the fused loops (one pass each:
 KERNELS = K.AVAILABLE and os.environ.get("MERGE_KERNELS", "1") != "0"
 _DIRECT_SELECT = 1 << 14  # up to this many elements top-k selection is a plain kthvalue
 _SAMPLE = 1 << 14  # about this many sampled values bracket the k-th largest of a bigger tensor
+# TIES on a float32 tensor up to this size (or any size on one thread) runs as one compiled call: one thread is
+# faster there than chunks on several, and it leaves the GIL to the tensors merged side by side
+_WHOLE_TENSOR = 1 << 20
 # Chunks run on this many Python threads (torch releases the GIL inside an op; each op runs on one intra-op
 # thread): the cores are used without OpenMP barriers, which stall whenever a core is busy elsewhere.
 THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
@@ -269,11 +272,15 @@ class _Job:
             return ok
 
         if all(self.each(chunk)):
-            seen = _inputs_finite.get()
-            # only when these are the very inputs merge_safetensors read
-            if seen is not None and seen[1] == _where_inputs_lie(self.base, self.models):
-                seen[0] = True
+            self.inputs_were_finite()
         return self.result()
+
+    def inputs_were_finite(self) -> None:
+        """Tell merge_safetensors (_inputs_finite) that every delta of this job was finite, when its inputs
+        are the very tensors it read."""
+        seen = _inputs_finite.get()
+        if seen is not None and seen[1] == _where_inputs_lie(self.base, self.models):
+            seen[0] = True
 
 
 
@@ -304,9 +311,7 @@ def _bracket(sample: Tensor, numel: int, k: float, extra_sd: float = 0.0) -> tup
     """(hi, lo): a sample's bracket of the k-th largest of numel values, 4 standard deviations of the sample
     quantile wide (plus 4 x extra_sd sample ranks either side: the uncertainty of an estimated k) plus 16."""
     s = sample.numel()
-    q = k / numel
-    margin = 4.0 * (math.sqrt(s * q * (1 - q)) + extra_sd) + 16
-    hi_i, lo_i = int(q * s - margin), int(q * s + margin)  # ranks in descending order, 0-based
+    hi_i, lo_i = K.bracket_ranks(s, numel, k, extra_sd)  # ranks in descending order, 0-based
     ks = [s - r - 1 for r in (hi_i, lo_i) if 0 <= r < s]  # 0-based ascending positions
     at = dict(zip(ks, _smallest(sample, ks))) if ks else {}
     hi = float(at[s - hi_i - 1]) if hi_i >= 0 else math.inf
@@ -470,6 +475,26 @@ def _ties_cuts_fused(job: _Job, k: int) -> list[tuple[float, int]] | None:
     return _map(finish, [(j,) for j in range(job.n)], min_items=2)  # the models' selections side by side
 
 
+def _ties_whole(job: _Job, k: int, wv: list[float], lam: float) -> Tensor | None:
+    """ties() on a float32 job in one call of K.ties_tensor_f32 (the same selection and loop as the chunked
+    path, so the same bits); None when its bracket cannot be used and nothing was written."""
+    b, ms = job.np_chunk(0, job.numel)
+    out = job.out if job.out.dtype == job.dt else torch.empty(job.numel, dtype=job.dt)
+    thr, cut = np.empty(job.n), np.empty(job.n, dtype=np.int64)
+    status, finite = K.ties_tensor_f32(b, ms, k, max(1, job.numel // _SAMPLE), job.np_scalars(wv), job.npdt(lam),
+                                       all(x == 1.0 for x in wv), job.npdt(1e-8), job.npdt(1.0), thr, cut,
+                                       out.numpy())
+    if status == 2:
+        raise _nan_error()
+    if status == 1:
+        return None
+    if out is not job.out:
+        job.out.copy_(out)
+    if finite:
+        job.inputs_were_finite()
+    return job.result()
+
+
 def _scan_abs_deltas(job: _Job, a: int, b: int, models: Sequence[int], his: np.ndarray,
                      los: np.ndarray) -> tuple[np.ndarray, list[Tensor], list[tuple[int, np.ndarray]]]:
     """The selection's pass over |d_j| on the chunk [a, b) for the given models (model models[i] bracketed by
@@ -612,6 +637,11 @@ def ties(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
     w = job.scalars(wv)
     k = max(int(density * job.numel), 1) if density > 0 else 0
 
+    if (job.fast and all(t.dtype == torch.float32 for t in [job.base, *job.models]) and 0 < k < job.numel
+            and job.numel > _DIRECT_SELECT and (job.numel <= _WHOLE_TENSOR or THREADS <= 1 or _in_pool())):
+        whole = _ties_whole(job, k, wv, lam)  # one compiled call; None: a case for the paths below
+        if whole is not None:
+            return whole
     fused = (job.fast and 0 < k < job.numel and job.numel > _DIRECT_SELECT
              and _ties_cuts_fused(job, k))  # one pass for all models; else model by model
 

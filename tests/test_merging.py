@@ -592,6 +592,7 @@ def test_ties_per_model_selection_equals_the_fused_one_and_the_formula(monkeypat
     if not merging.K.AVAILABLE:
         pytest.skip("numba is not installed")
     monkeypatch.setattr(merging, "KERNELS", True)
+    monkeypatch.setattr(merging, "_WHOLE_TENSOR", 0)  # the chunked path (the whole-tensor call: tested below)
     g = torch.Generator().manual_seed(3)
     base = torch.randn(200_003, generator=g)
     models = [base + 1e-3 * torch.randn(200_003, generator=g) for _ in range(3)]
@@ -610,6 +611,7 @@ def test_ties_fused_selection_resolves_ties_at_the_cut_off_from_the_scan(monkeyp
     if not merging.K.AVAILABLE:
         pytest.skip("numba is not installed")
     monkeypatch.setattr(merging, "KERNELS", True)
+    monkeypatch.setattr(merging, "_WHOLE_TENSOR", 0)  # the chunked path (the whole-tensor call: tested below)
     g = torch.Generator().manual_seed(4)
     base = torch.zeros(200_003)
     models = [torch.round(torch.randn(200_003, generator=g) * 100) / 100 for _ in range(3)]
@@ -626,6 +628,92 @@ def test_ties_fused_selection_resolves_ties_at_the_cut_off_from_the_scan(monkeyp
     for (thr, cut), m in zip(fused[0], models):
         assert 0 < cut < m.numel() and int((m.abs() == thr).sum()) > 100  # a tie straddles every cut-off
     assert torch.equal(out, _reference_ties(base, models, 0.3, None))
+
+
+def _record_whole_ties(monkeypatch, merging):
+    """Record the status of every K.ties_tensor_f32 call (0 done, 1 handed back, 2 NaN)."""
+    statuses = []
+    real = merging.K.ties_tensor_f32
+
+    def recording(*a):
+        r = real(*a)
+        statuses.append(int(r[0]))
+        return r
+
+    monkeypatch.setattr(merging.K, "ties_tensor_f32", recording)
+    return statuses
+
+
+@pytest.mark.parametrize("case", ["noise", "grid", "weighted", "sparse_k", "dense_k", "one_model", "five_models"])
+def test_ties_whole_tensor_call_equals_the_chunked_path_and_the_formula(case, monkeypatch):
+    # a float32 tensor up to _WHOLE_TENSOR elements is merged by one compiled call (sample, brackets, scan,
+    # selection, final loop); it must give the bits of the chunked path (forced with _WHOLE_TENSOR = 0) and of
+    # the formula, ties at the cut-offs included (the grid case: hundreds of equal |d| straddle every cut-off)
+    import models.merging as merging
+
+    if not merging.K.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(merging, "KERNELS", True)
+    g = torch.Generator().manual_seed(11)
+    n = 150_001
+    n_models = {"one_model": 1, "five_models": 5}.get(case, 3)
+    density = {"sparse_k": 0.002, "dense_k": 0.97}.get(case, 0.3)
+    weights = [0.4, 1.3, 0.9] if case == "weighted" else None
+    base = torch.randn(n, generator=g) * 0.02
+    if case == "grid":
+        base = torch.zeros(n)
+        models = [torch.round(torch.randn(n, generator=g) * 100) / 100 for _ in range(n_models)]
+    else:
+        models = [base + 1e-3 * torch.randn(n, generator=g) for _ in range(n_models)]
+    statuses = _record_whole_ties(monkeypatch, merging)
+    whole = ties(base, models, density=density, weights=weights)
+    assert statuses == [0]  # the one call did the whole merge
+    monkeypatch.setattr(merging, "_WHOLE_TENSOR", 0)
+    assert torch.equal(ties(base, models, density=density, weights=weights), whole)
+    assert statuses == [0]  # the chunked path ran the second time
+    assert torch.equal(whole, _reference_ties(base, models, density, weights))
+    if case == "grid":
+        k = int(density * n)
+        for m in models:  # a tie straddles the cut-off: only the lowest flat indices among the tied are kept
+            thr = torch.sort(m.abs(), descending=True, stable=True).values[k - 1]
+            assert int((m.abs() > thr).sum()) < k < int((m.abs() >= thr).sum())
+
+
+def test_ties_whole_tensor_call_hands_back_what_its_bracket_cannot_select(monkeypatch):
+    # most deltas equal: the sample's bracket has equal ends, so the compiled call writes nothing and hands the
+    # tensor back (status 1) to the per-model path, which gives the formula's bits
+    import models.merging as merging
+
+    if not merging.K.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(merging, "KERNELS", True)
+    g = torch.Generator().manual_seed(12)
+    n = 60_000
+    base = torch.zeros(n)
+    models = [torch.where(torch.rand(n, generator=g) < 0.9, 0.5, torch.randn(n, generator=g)) for _ in range(3)]
+    statuses = _record_whole_ties(monkeypatch, merging)
+    out = ties(base, models, density=0.5)
+    assert statuses == [1]
+    assert torch.equal(out, _reference_ties(base, models, 0.5, None))
+
+
+def test_ties_whole_tensor_call_rejects_nan_and_shares_the_bracket_formula(monkeypatch):
+    import models.merging as merging
+
+    if not merging.K.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(merging, "KERNELS", True)
+    g = torch.Generator().manual_seed(13)
+    base = torch.randn(50_000, generator=g)
+    models = [base + 1e-3 * torch.randn(50_000, generator=g) for _ in range(3)]
+    models[1][31_337] = float("nan")  # not on the sample's stride (50_000 // 16384 = 3)
+    statuses = _record_whole_ties(monkeypatch, merging)
+    with pytest.raises(ValueError, match="NaN"):
+        ties(base, models, density=0.5)
+    assert statuses == [2]
+    # the compiled bracket and the Python one (_bracket) are one formula: the same ranks
+    for s, numel, k in [(16384, 150_001, 45_000), (16757, 552_960, 1), (16384, 10**6, 10**6 - 1), (500, 600, 300)]:
+        assert merging.K._bracket_ranks(s, numel, k, 0.0) == merging.K.bracket_ranks(s, numel, k, 0.0)
 
 
 def test_side_by_side_tensors_equal_the_in_memory_merge_and_stay_bounded(tmp_path, monkeypatch):
