@@ -283,7 +283,6 @@ class _Job:
             seen[0] = True
 
 
-
 def _where_inputs_lie(base: Tensor, models: Sequence[Tensor]) -> tuple:
     """(data pointer, numel) of the base and of each model: which tensors a merge is working on."""
     return tuple((t.data_ptr(), t.numel()) for t in [base, *models])
@@ -476,20 +475,18 @@ def _ties_cuts_fused(job: _Job, k: int) -> list[tuple[float, int]] | None:
 
 
 def _ties_whole(job: _Job, k: int, wv: list[float], lam: float) -> Tensor | None:
-    """ties() on a float32 job in one call of K.ties_tensor_f32 (the same selection and loop as the chunked
-    path, so the same bits); None when its bracket cannot be used and nothing was written."""
-    b, ms = job.np_chunk(0, job.numel)
-    out = job.out if job.out.dtype == job.dt else torch.empty(job.numel, dtype=job.dt)
+    """ties() on a job whose inputs (and so output) are float32, in one call of K.ties_tensor_f32 (the same
+    selection and loop as the chunked path, so the same bits); None when its bracket cannot be used and nothing
+    was written."""
+    b, ms = job.np_chunk(0, job.numel)  # views: no copy of float32 inputs
     thr, cut = np.empty(job.n), np.empty(job.n, dtype=np.int64)
     status, finite = K.ties_tensor_f32(b, ms, k, max(1, job.numel // _SAMPLE), job.np_scalars(wv), job.npdt(lam),
                                        all(x == 1.0 for x in wv), job.npdt(1e-8), job.npdt(1.0), thr, cut,
-                                       out.numpy())
+                                       job.out.numpy())
     if status == 2:
         raise _nan_error()
     if status == 1:
         return None
-    if out is not job.out:
-        job.out.copy_(out)
     if finite:
         job.inputs_were_finite()
     return job.result()

@@ -25,6 +25,17 @@ def t(*v):
     return torch.tensor(v, dtype=D)
 
 
+@pytest.fixture
+def fused_merging(monkeypatch):
+    """models.merging with its compiled loops switched on (skips where numba is not installed)."""
+    import models.merging as merging
+
+    if not merging.K.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(merging, "KERNELS", True)
+    return merging
+
+
 def test_registry_names():
     assert {"task_arithmetic", "ties", "dare", "sce", "varm"} <= set(MERGE_METHODS)
 
@@ -584,14 +595,10 @@ def test_unknown_keyword_fails_before_writing(tmp_path):
     _assert_nothing_written(out)
 
 
-def test_ties_per_model_selection_equals_the_fused_one_and_the_formula(monkeypatch):
+def test_ties_per_model_selection_equals_the_fused_one_and_the_formula(monkeypatch, fused_merging):
     # the per-model selection runs when a sample cannot bracket one model's cut-off (many equal values); here it
     # is forced on float deltas, where the fused pass for all models would otherwise run: the same bits
-    import models.merging as merging
-
-    if not merging.K.AVAILABLE:
-        pytest.skip("numba is not installed")
-    monkeypatch.setattr(merging, "KERNELS", True)
+    merging = fused_merging
     monkeypatch.setattr(merging, "_WHOLE_TENSOR", 0)  # the chunked path (the whole-tensor call: tested below)
     g = torch.Generator().manual_seed(3)
     base = torch.randn(200_003, generator=g)
@@ -602,15 +609,11 @@ def test_ties_per_model_selection_equals_the_fused_one_and_the_formula(monkeypat
     assert torch.equal(fused, _reference_ties(base, models, 0.3, None))
 
 
-def test_ties_fused_selection_resolves_ties_at_the_cut_off_from_the_scan(monkeypatch):
+def test_ties_fused_selection_resolves_ties_at_the_cut_off_from_the_scan(monkeypatch, fused_merging):
     # deltas on a grid of 0.01: hundreds of values tie at each model's cut-off, yet the sample's bracket spans
     # several grid values, so the fused pass runs; the lowest flat indices among the tied are kept, found from
     # the indices the scan collected (no second pass: the per-chunk search is never called)
-    import models.merging as merging
-
-    if not merging.K.AVAILABLE:
-        pytest.skip("numba is not installed")
-    monkeypatch.setattr(merging, "KERNELS", True)
+    merging = fused_merging
     monkeypatch.setattr(merging, "_WHOLE_TENSOR", 0)  # the chunked path (the whole-tensor call: tested below)
     g = torch.Generator().manual_seed(4)
     base = torch.zeros(200_003)
@@ -645,15 +648,11 @@ def _record_whole_ties(monkeypatch, merging):
 
 
 @pytest.mark.parametrize("case", ["noise", "grid", "weighted", "sparse_k", "dense_k", "one_model", "five_models"])
-def test_ties_whole_tensor_call_equals_the_chunked_path_and_the_formula(case, monkeypatch):
+def test_ties_whole_tensor_call_equals_the_chunked_path_and_the_formula(case, monkeypatch, fused_merging):
     # a float32 tensor up to _WHOLE_TENSOR elements is merged by one compiled call (sample, brackets, scan,
     # selection, final loop); it must give the bits of the chunked path (forced with _WHOLE_TENSOR = 0) and of
     # the formula, ties at the cut-offs included (the grid case: hundreds of equal |d| straddle every cut-off)
-    import models.merging as merging
-
-    if not merging.K.AVAILABLE:
-        pytest.skip("numba is not installed")
-    monkeypatch.setattr(merging, "KERNELS", True)
+    merging = fused_merging
     g = torch.Generator().manual_seed(11)
     n = 150_001
     n_models = {"one_model": 1, "five_models": 5}.get(case, 3)
@@ -679,14 +678,10 @@ def test_ties_whole_tensor_call_equals_the_chunked_path_and_the_formula(case, mo
             assert int((m.abs() > thr).sum()) < k < int((m.abs() >= thr).sum())
 
 
-def test_ties_whole_tensor_call_hands_back_what_its_bracket_cannot_select(monkeypatch):
+def test_ties_whole_tensor_call_hands_back_what_its_bracket_cannot_select(monkeypatch, fused_merging):
     # most deltas equal: the sample's bracket has equal ends, so the compiled call writes nothing and hands the
     # tensor back (status 1) to the per-model path, which gives the formula's bits
-    import models.merging as merging
-
-    if not merging.K.AVAILABLE:
-        pytest.skip("numba is not installed")
-    monkeypatch.setattr(merging, "KERNELS", True)
+    merging = fused_merging
     g = torch.Generator().manual_seed(12)
     n = 60_000
     base = torch.zeros(n)
@@ -697,12 +692,8 @@ def test_ties_whole_tensor_call_hands_back_what_its_bracket_cannot_select(monkey
     assert torch.equal(out, _reference_ties(base, models, 0.5, None))
 
 
-def test_ties_whole_tensor_call_rejects_nan_and_shares_the_bracket_formula(monkeypatch):
-    import models.merging as merging
-
-    if not merging.K.AVAILABLE:
-        pytest.skip("numba is not installed")
-    monkeypatch.setattr(merging, "KERNELS", True)
+def test_ties_whole_tensor_call_rejects_nan_and_shares_the_bracket_formula(monkeypatch, fused_merging):
+    merging = fused_merging
     g = torch.Generator().manual_seed(13)
     base = torch.randn(50_000, generator=g)
     models = [base + 1e-3 * torch.randn(50_000, generator=g) for _ in range(3)]
@@ -809,17 +800,13 @@ def test_first_failing_tensor_in_file_order_is_raised_when_side_by_side(tmp_path
 
 
 @pytest.mark.parametrize("case", ["bracketed", "missed", "zero_variances", "tied"])
-def test_sce_one_pass_selection_equals_the_separate_passes_and_the_formula(case, monkeypatch):
+def test_sce_one_pass_selection_equals_the_separate_passes_and_the_formula(case, monkeypatch, fused_merging):
     # SCE's one pass (variance, bracketed selection, energies) against the separate passes and the formula,
     # bit for bit: a bracket that holds the k-th largest variance; one that misses it (the sampled positions,
     # every 6th, carry small variances and the others large ones, so the bracket lies far below the k-th
     # largest and the pass falls back on the variances it computed); and a share of zero variances, which
     # widens the bracket
-    import models.merging as merging
-
-    if not merging.K.AVAILABLE:
-        pytest.skip("numba is not installed")
-    monkeypatch.setattr(merging, "KERNELS", True)
+    merging = fused_merging
     g = torch.Generator().manual_seed(11)
     numel = 100_000
     base = torch.randn(numel, generator=g)
