@@ -3,8 +3,9 @@
 A merge written as torch ops makes one pass over memory per op (TIES is ~30 of them per chunk); these loops
 make one pass per stage, with the same float operations in the same order, so their results equal the
 torch formulas in models.merging bit for bit (tests/test_merging.py runs both). Each works on one chunk:
-`b` the base values, `ms` a tuple of the models' values (1 to 5 of them: beyond 5 torch sums stacked rows in
-an order of its own and models.merging uses its torch path), all of the working dtype (float32 or float64);
+`b` the base values, `ms` a tuple of the models' values (1 to MAX_MODELS = 4 of them: from 5 stacked rows on,
+torch's sum is not in row order and models.merging uses its torch path), all of the working dtype (float32 or
+float64);
 `s` is the chunk's flat offset in the tensor (for the top-k cut-off by index and for DARE's counter).
 Scalars come in already rounded to the working dtype, as torch rounds a Python number against a tensor.
 The loops release the GIL, so models.merging runs chunks on several threads.
@@ -42,7 +43,7 @@ def _has_avx512() -> bool:
 
 
 AVX512 = _has_avx512()
-MAX_MODELS = 5
+MAX_MODELS = 4  # torch adds up to 4 stacked rows in order; from 5 on in an order of its own
 
 # SplitMix64 (Steele, Lea & Flood 2014): output k of the generator seeded with `seed` is mix(seed + k * GAMMA)
 GAMMA = np.uint64(0x9E3779B97F4A7C15)

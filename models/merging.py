@@ -289,8 +289,9 @@ def _where_inputs_lie(base: Tensor, models: Sequence[Tensor]) -> tuple:
 
 
 def _sum0(parts: list[Tensor]) -> Tensor:
-    """torch.stack(parts).sum(0), bit for bit (torch adds up to 5 rows in order); one part: that part."""
-    if len(parts) > 5:
+    """torch.stack(parts).sum(0), bit for bit (torch adds up to K.MAX_MODELS = 4 rows in order); one part: that
+    part."""
+    if len(parts) > K.MAX_MODELS:
         return torch.stack(parts).sum(0)
     if len(parts) == 1:
         return parts[0]
@@ -715,8 +716,8 @@ def dare(base: Tensor, models: Sequence[Tensor], density: float = 0.5,
         return job.run(lambda b, ms, s, out: K.dare_chunk(b, ms, wn, seeds, s, dens, rescale, lam_n,
                                                          job.npdt(1.0), out))
     w = job.scalars(wv)
-    # beyond 5 models the rows are kept for torch's stacked sum (its order then depends on the layout)
-    rows = torch.empty(job.n, job.numel, dtype=job.dt) if job.n > 5 else None
+    # beyond K.MAX_MODELS models the rows are kept for torch's stacked sum (its order then depends on the layout)
+    rows = torch.empty(job.n, job.numel, dtype=job.dt) if job.n > K.MAX_MODELS else None
     total = torch.empty(job.numel, dtype=job.dt) if rows is None else None
     d32 = _as(density, job.dt)
     for j in range(job.n):
