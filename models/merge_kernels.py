@@ -673,9 +673,9 @@ if AVAILABLE:
             sums[j] = ((lj[0] + lj[1]) + (lj[2] + lj[3])) + ((lj[4] + lj[5]) + (lj[6] + lj[7]))
 
     @_jit
-    def _model(ms, j):  # pragma: no cover - compiled
-        """Model j of the tuple, or its last model where j is beyond it (a placeholder its callers never read)."""
-        return ms[min(j, len(ms) - 1)]
+    def _nth_or_last(xs, j):  # pragma: no cover - compiled
+        """xs[j], or the last item where j is beyond it (a placeholder its callers never read)."""
+        return xs[min(j, len(xs) - 1)]
 
     @_jit
     def _agrees(d, sel, up):  # pragma: no cover - compiled
@@ -698,8 +698,8 @@ if AVAILABLE:
         every = not masked or thr < 0
         t = var.dtype.type(thr) if not every else var.dtype.type(0)
         c = cut - s
-        m0, m1, m2, m3 = _model(ms, 0), _model(ms, 1), _model(ms, 2), _model(ms, 3)
-        w0, w1, w2, w3 = w[0], w[min(1, n - 1)], w[min(2, n - 1)], w[min(3, n - 1)]
+        m0, m1, m2, m3 = _nth_or_last(ms, 0), _nth_or_last(ms, 1), _nth_or_last(ms, 2), _nth_or_last(ms, 3)
+        w0, w1, w2, w3 = _nth_or_last(w, 0), _nth_or_last(w, 1), _nth_or_last(w, 2), _nth_or_last(w, 3)
         bad = False
         for i in range(b.size):
             bi = b[i]

@@ -312,8 +312,9 @@ def test_sum0_is_torchs_stacked_sum_and_in_order_only_up_to_max_models():
 @pytest.mark.parametrize("kernels", [True, False], ids=["fused", "torch"])
 def test_methods_equal_whole_tensor_formulas(n, numel, ints, kernels, monkeypatch):
     # several chunks, the sampled selection path (numel above the direct-selection size), ties at the top-k
-    # cut-off (integer deltas), every model count the fused loops spell out (1-5), more models than the
-    # in-order sum handles (8); bit-identical results, from the fused numba loops and from the torch ops
+    # cut-off (integer deltas), every model count the fused loops spell out (1-4), 5 and 8 models (beyond the
+    # in-order sum: the torch path's stacked sums); bit-identical results, from the fused numba loops and from
+    # the torch ops
     import models.merging as merging
 
     if kernels and not merging.K.AVAILABLE:
